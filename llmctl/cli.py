@@ -1,0 +1,79 @@
+"""The llmctl command line: wiring only. Each subcommand lives in ``llmctl/commands/<name>.py``."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Annotated
+
+import typer
+from typer import TyperException
+
+import llmctl.core  # noqa: F401 - environment defaults (offline, quiet third-party libraries)
+from llmctl import __version__
+from llmctl.commands import convert, init, inspect, tokenize
+from llmctl.core.errors import EXIT_INTERRUPTED, EXIT_USAGE
+
+app = typer.Typer(
+    name="llmctl",
+    help="One command-line toolkit for the life of a language model, over JSONL.",
+    epilog="Run 'llmctl COMMAND --help' for a command's options and examples.",
+    invoke_without_command=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """One command-line toolkit for the life of a language model, over JSONL."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+def _register(name: str, module) -> None:
+    app.command(name, help=module.HELP, epilog=module.EPILOG)(module.main)
+
+
+_register("convert", convert)
+_register("init", init)
+_register("inspect", inspect)
+_register("tokenize", tokenize)
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    # SystemExit unwinds through the atomic-output context managers, so temporaries are removed.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: like ``app()``, but usage errors are one line, as every other error is."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="llmctl", standalone_mode=False)
+    except TyperException as e:  # usage errors: unknown option, missing argument, bad value (exit 2)
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "llmctl"
+        message = " ".join(e.format_message().split())
+        hint = f" (see '{where} --help')" if e.exit_code == EXIT_USAGE else ""
+        typer.echo(f"{where}: error: {message}{hint}", err=True)
+        code = e.exit_code
+    except typer.Abort:
+        typer.echo("llmctl: error: interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except typer.Exit as e:
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,1 @@
+"""One thin module per subcommand: options in, one call into ``llmctl.core``, output out."""

@@ -1,0 +1,1 @@
+"""Tokenizers: applying one to records (``apply``); training them comes with ``tokenize-train``."""
