@@ -53,9 +53,11 @@ def open_writer(output: str | Path | None, *, force: bool = False) -> Iterator[R
 
 @contextmanager
 def _open_text(path: Path, suffix: str) -> Iterator[IO[str]]:
+    file = None
     if suffix == ".gz":
-        # mtime=0: the same records give the same bytes (determinism).
-        raw: IO[bytes] = gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)  # noqa: SIM115
+        # mtime=0 and no file name in the header: the same records give the same bytes (determinism).
+        file = open(path, "wb")  # noqa: SIM115 - closed below, after the gzip trailer is written
+        raw: IO[bytes] = gzip.GzipFile(filename="", mode="wb", fileobj=file, mtime=0)
     elif suffix in (".zst", ".zstd"):
         import zstandard
 
@@ -67,5 +69,5 @@ def _open_text(path: Path, suffix: str) -> Iterator[IO[str]]:
         yield stream
     finally:
         stream.close()
-        if suffix == ".gz":
-            raw.fileobj.close()  # type: ignore[attr-defined]
+        if file is not None:
+            file.close()
