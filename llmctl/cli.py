@@ -19,6 +19,7 @@ app = typer.Typer(
     help="One command-line toolkit for the life of a language model, over JSONL.",
     epilog="Run 'llmctl COMMAND --help' for a command's options and examples.",
     invoke_without_command=True,
+    add_completion=False,  # static scripts live in completions/ (see `make completions`)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},

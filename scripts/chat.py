@@ -1,6 +1,6 @@
 """One greedy chat answer through transformers, from a local model directory (used by `make demo`).
 
-    python scripts/chat.py MODEL_DIR "What is the capital of France?"
+python scripts/chat.py MODEL_DIR "What is the capital of France?"
 """
 
 import sys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -28,16 +29,28 @@ EPILOG = """Examples:
   llmctl convert smollm2 --to gguf --outtype q8_0 -o smollm2-q8_0.gguf"""
 
 
+class Target(StrEnum):
+    auto = "auto"
+    hf = "hf"
+    gguf = "gguf"
+
+
+class OutType(StrEnum):
+    f32 = "f32"
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
 @cli_command("convert")
 def main(
     model: Annotated[str, typer.Argument(help="A .gguf file, or a Hugging Face model directory.")],
     output: OutputDirOpt,
     to: Annotated[
-        str, typer.Option("--to", help="Target format: auto (the other one), hf or gguf.")
-    ] = "auto",
+        Target, typer.Option("--to", help="Target format; auto converts to the other one.")
+    ] = Target.auto,
     outtype: Annotated[
-        str, typer.Option("--outtype", help="GGUF tensor type for --to gguf: f32, f16 or q8_0.")
-    ] = "f16",
+        OutType, typer.Option("--outtype", help="GGUF tensor type for --to gguf.")
+    ] = OutType.f16,
     dtype: DtypeOpt = "auto",
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Shard safetensors above this size (with an index).")
@@ -49,9 +62,7 @@ def main(
     config: ConfigOpt = None,
 ) -> None:
     ref = resolve_model(model)
-    target = {"auto": "hf" if ref.kind == "gguf" else "gguf"}.get(to, to)
-    if target not in ("hf", "gguf"):
-        raise UsageError(f"--to must be auto, hf or gguf, not {to!r}")
+    target = to.value if to != Target.auto else ("hf" if ref.kind == "gguf" else "gguf")
     if target == ref.kind:
         raise UsageError(f"{model} is already in {target} format")
     started = now()
@@ -59,14 +70,18 @@ def main(
         from llmctl.core.models.gguf_import import import_gguf
 
         with atomic_output(output, force=force) as tmp, ui.progress(f"importing {ref.path.name}"):
-            summary = import_gguf(ref.path, tmp, dtype=dtype, max_shard_size=max_shard_size)
+            summary = import_gguf(ref.path, tmp, dtype=dtype.value, max_shard_size=max_shard_size)
             summary["output"] = str(output)
-            write_provenance(tmp, command="convert", inputs=[ref.path], started_at=started, extra={"summary": summary})
+            write_provenance(
+                tmp, command="convert", inputs=[ref.path], started_at=started, extra={"summary": summary}
+            )
     else:
         from llmctl.core.models.gguf_export import export_gguf
 
         with atomic_output(output, force=force, is_dir=False) as tmp, ui.progress("exporting GGUF") as bar:
-            summary = export_gguf(ref.path, Path(tmp), outtype=outtype, progress=lambda d, t: bar.update(d, t))
+            summary = export_gguf(
+                ref.path, Path(tmp), outtype=outtype.value, progress=lambda d, t: bar.update(d, t)
+            )
             summary["path"] = str(output)
     if as_json:
         ui.print_json(summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -23,6 +24,8 @@ from llmctl.core.options import (
 )
 from llmctl.core.provenance import now, write_provenance
 
+PresetName = StrEnum("PresetName", {name: name for name in PRESETS})  # choices for --preset
+
 HELP = f"""Create a small, randomly initialised model directory for tests and pipeline dry runs.
 
 Presets: {", ".join(PRESETS)}. The tokenizer is a byte-level one with ChatML special tokens and chat
@@ -39,7 +42,9 @@ EPILOG = """Examples:
 @cli_command("init")
 def main(
     output: OutputDirOpt,
-    preset: Annotated[str, typer.Option("--preset", help="Architecture and size; see the list above.")] = "llama-tiny",
+    preset: Annotated[
+        PresetName, typer.Option("--preset", help="Architecture and size; see the list above.")
+    ] = PresetName("llama-tiny"),
     vocab_from: Annotated[
         str | None, typer.Option("--vocab-from", help="Take the tokenizer (and vocab size) from here.")
     ] = None,
@@ -51,13 +56,15 @@ def main(
     debug: DebugOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    get_preset(preset)  # unknown names fail before any output exists
+    preset = get_preset(preset.value).name
     started = now()
     inputs = [vocab_from] if vocab_from else []
     with atomic_output(output, force=force) as tmp:
         summary = init_model(preset, tmp, seed=seed, vocab_from=vocab_from, dtype=dtype)
         summary["output"] = str(output)
-        write_provenance(tmp, command="init", inputs=inputs, started_at=started, seed=seed, extra={"summary": summary})
+        write_provenance(
+            tmp, command="init", inputs=inputs, started_at=started, seed=seed, extra={"summary": summary}
+        )
     if as_json:
         ui.print_json(summary)
     else:

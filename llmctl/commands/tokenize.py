@@ -55,19 +55,23 @@ def main(
     text_field: TextFieldOpt = "text",
     ids_field: Annotated[str, typer.Option("--ids-field", help="Field for the token ids.")] = "input_ids",
     apply_chat_template: Annotated[
-        bool, typer.Option("--apply-chat-template", help="Render the record's 'messages' with the chat template.")
+        bool,
+        typer.Option("--apply-chat-template", help="Render the record's 'messages' with the chat template."),
     ] = False,
     add_special_tokens: Annotated[
         bool | None,
         typer.Option(
             "--add-special-tokens/--no-add-special-tokens",
-            help="Add the tokenizer's BOS/EOS (default: the tokenizer's own choice; off with a chat template).",
+            help="Add BOS/EOS as the tokenizer does (default: its own choice; off with a chat template).",
             show_default=False,
         ),
     ] = None,
-    attention_mask: Annotated[bool, typer.Option("--attention-mask", help="Also add attention_mask.")] = False,
+    attention_mask: Annotated[
+        bool, typer.Option("--attention-mask", help="Also add attention_mask.")
+    ] = False,
     max_length: Annotated[
-        int | None, typer.Option("--max-length", min=1, help="Longer records are an error, or cut with --truncate.")
+        int | None,
+        typer.Option("--max-length", min=1, help="Longer records are an error, or cut with --truncate."),
     ] = None,
     truncate: Annotated[bool, typer.Option("--truncate", help="Cut records to --max-length tokens.")] = False,
     pack: Annotated[

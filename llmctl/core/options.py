@@ -5,7 +5,7 @@ A command lists the ones it takes: ``def main(..., seed: SeedOpt = 0, quiet: Qui
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,12 +16,11 @@ from llmctl.core.config import config_callback
 DEVICE_HELP = "Where to run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
 
 
-class Dtype(str, Enum):
+class Dtype(StrEnum):
     auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
-
 
 
 DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP, show_default=True)]
@@ -40,9 +39,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 DebugOpt = Annotated[
     bool,
-    typer.Option(
-        "--debug", envvar="LLMCTL_DEBUG", help="Show tracebacks on errors (also LLMCTL_DEBUG=1)."
-    ),
+    typer.Option("--debug", envvar="LLMCTL_DEBUG", help="Show tracebacks on errors (also LLMCTL_DEBUG=1)."),
 ]
 ConfigOpt = Annotated[
     Path | None,

@@ -22,7 +22,9 @@ def resolve_device(device: str = "auto"):
         raise UsageError(f"invalid --device {device!r}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise LlmctlError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
+            raise LlmctlError(
+                f"--device {device} was asked for but no CUDA GPU is available; use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise LlmctlError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
     return dev

@@ -71,7 +71,9 @@ def test_chat_records_are_rendered_with_the_chat_template(cli, tiny_model, tmp_p
 
 
 def test_decode_round_trips_through_a_real_pipeline(tiny_model, docs):
-    result = shell(f"llmctl tokenize {tiny_model} {docs} | llmctl tokenize {tiny_model} --decode --text-field decoded")
+    result = shell(
+        f"llmctl tokenize {tiny_model} {docs} | llmctl tokenize {tiny_model} --decode --text-field decoded"
+    )
     assert result.returncode == 0, result.stderr.decode()
     out = read_jsonl(result.stdout)
     assert [r["decoded"] for r in out] == TEXTS
@@ -117,7 +119,9 @@ def test_text_field_dotted_path_and_stdin(tiny_model):
 
 
 def test_head_closing_the_pipe_early_exits_cleanly(tiny_model, tmp_path):
-    path = write_jsonl(tmp_path / "long.jsonl", [{"text": f"document number {i} " * 20} for i in range(20000)])
+    path = write_jsonl(
+        tmp_path / "long.jsonl", [{"text": f"document number {i} " * 20} for i in range(20000)]
+    )
     result = shell(f"llmctl tokenize {tiny_model} {path} --batch-size 8 | head -n 1")
     assert result.returncode == 0, result.stderr.decode()
     assert len(read_jsonl(result.stdout)) == 1

@@ -39,16 +39,14 @@ def supported_gguf_architectures() -> list[str]:
 def import_gguf(
     source: str | Path, directory: Path, *, dtype: str = "float32", max_shard_size: str = "2GB"
 ) -> dict[str, Any]:
-    """Write the GGUF model ``source`` as a Hugging Face directory into (the existing, empty) ``directory``."""
+    """Write the GGUF model ``source`` as a Hugging Face directory into the existing, empty ``directory``."""
     ref = resolve_model(source)
     if ref.kind != "gguf":
         raise UsageError(f"{source} is not a GGUF file (to export a directory to GGUF, pass --to gguf)")
     arch = read_gguf_architecture(ref.path)
     supported = supported_gguf_architectures()
     if arch not in supported:
-        raise ModelError(
-            f"GGUF architecture {arch!r} cannot be imported; supported: {', '.join(supported)}"
-        )
+        raise ModelError(f"GGUF architecture {arch!r} cannot be imported; supported: {', '.join(supported)}")
     model = load_model(ref, device="cpu", dtype="float32" if dtype == "auto" else dtype)
     tokenizer = load_tokenizer(ref)
     _fix_tokenizer_limits(tokenizer, model.config)

@@ -79,7 +79,9 @@ def load_tokenizer(path: str | Path | ModelRef):
     else:
         p = Path(path).expanduser()
         if not p.exists():
-            raise ModelError(f"tokenizer not found: {path} (expected a model or tokenizer directory or a .gguf)")
+            raise ModelError(
+                f"tokenizer not found: {path} (expected a model or tokenizer directory or a .gguf)"
+            )
         if p.is_file() and _is_gguf(p):
             target, extra = str(p.parent), {"gguf_file": p.name}
         elif p.is_file() and p.name.endswith(".json"):
@@ -95,7 +97,6 @@ def load_tokenizer(path: str | Path | ModelRef):
 
 def load_model(ref: ModelRef, *, device: str = "auto", dtype: str = "auto"):
     """A causal LM in eval mode on the resolved device and dtype."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from llmctl.core.runtime import resolve_device, resolve_dtype

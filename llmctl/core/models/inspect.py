@@ -109,7 +109,9 @@ def _inspect_hf(ref: ModelRef) -> dict[str, Any]:
 
 
 def _tokenizer_summary(ref: ModelRef) -> dict[str, Any] | None:
-    if not any((ref.path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not any(
+        (ref.path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
         return None
     try:
         tok = load_tokenizer(ref)

@@ -49,7 +49,7 @@ PRESETS: dict[str, Preset] = {
                {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                 "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 2048,
                 "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
-        Preset("smollm2-135m", "llama", "SmolLM2-135M's shapes: 30 layers, hidden 576, GQA 9/3, random weights",
+        Preset("smollm2-135m", "llama", "SmolLM2-135M shapes: 30 layers, hidden 576, GQA 9/3, random init",
                {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
                 "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True}),

@@ -78,7 +78,9 @@ def fetch_smollm2(log=print) -> Path:
     try:
         with atomic_output(directory, force=directory.exists()) as tmp:
             summary = import_gguf(gguf, tmp, dtype="float32")
-            write_provenance(tmp, command="convert", inputs=[gguf], started_at=started, extra={"summary": summary})
+            write_provenance(
+                tmp, command="convert", inputs=[gguf], started_at=started, extra={"summary": summary}
+            )
     except OutputExistsError:
         pass  # another process finished first
     if not is_complete(directory):

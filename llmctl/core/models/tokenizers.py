@@ -41,7 +41,7 @@ def byte_level_tokenizer(special_tokens: list[str] = SPECIAL_TOKENS):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(special_tokens)}
-    for b, ch in sorted(bytes_to_unicode().items()):
+    for _, ch in sorted(bytes_to_unicode().items()):
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -181,7 +181,9 @@ def decode_records(
         for record in batch:
             bad = next((i for i in record.text if i >= vocab), None)
             if bad is not None:
-                raise InputDataError(f"{record.where}: token id {bad} is outside the vocabulary (size {vocab})")
+                raise InputDataError(
+                    f"{record.where}: token id {bad} is outside the vocabulary (size {vocab})"
+                )
         texts = tokenizer.batch_decode(
             [r.text for r in batch],
             skip_special_tokens=skip_special_tokens,
