@@ -51,10 +51,21 @@ def cli() -> Cli:
     return Cli()
 
 
+def _env(extra: dict | None) -> dict:
+    """The test process's environment without colour, plus ``extra`` (a value of None removes a key)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
+    env["NO_COLOR"] = "1"
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 def run_llmctl(*args: str, input: bytes | str | None = None, env: dict | None = None, timeout: int = 300):
     """``python -m llmctl ...`` as a real subprocess (exit codes, stderr, signals as a shell sees them)."""
-    full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
-    full_env.pop("FORCE_COLOR", None)
+    full_env = _env(env)
     data = input.encode() if isinstance(input, str) else input
     return subprocess.run(
         [sys.executable, "-m", "llmctl", *map(str, args)],
@@ -68,8 +79,7 @@ def run_llmctl(*args: str, input: bytes | str | None = None, env: dict | None = 
 
 def shell(command: str, env: dict | None = None, timeout: int = 300):
     """A real shell pipeline, with ``llmctl`` meaning this interpreter's ``python -m llmctl``."""
-    full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
-    full_env.pop("FORCE_COLOR", None)
+    full_env = _env(env)
     prelude = f'llmctl() {{ "{sys.executable}" -m llmctl "$@"; }}\nset -o pipefail\n'
     return subprocess.run(
         ["bash", "-c", prelude + command], capture_output=True, env=full_env, timeout=timeout, cwd=REPO
