@@ -10,7 +10,6 @@ from llmctl.core.command import cli_command
 from llmctl.core.console import ui
 from llmctl.core.errors import UsageError
 from llmctl.core.io import ReadStats, open_writer, read_records, resolve_input
-from llmctl.core.models.hf import load_tokenizer
 from llmctl.core.options import (
     BatchSizeOpt,
     ConfigOpt,
@@ -32,6 +31,7 @@ from llmctl.core.tokenize.apply import (
     messages_of,
     pack_sequences,
 )
+from llmctl.core.tokenize.backend import open_tokenizer
 
 HELP = """Tokenize JSONL (or text) records with a model's or tokenizer directory's tokenizer.
 
@@ -98,7 +98,7 @@ def main(
     if truncate and max_length is None:
         raise UsageError("--truncate needs --max-length")
     source = resolve_input(input)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
     read_stats = ReadStats()
     stats = TokenizeStats()
     if decode:

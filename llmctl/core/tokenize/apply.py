@@ -1,5 +1,6 @@
 """``llmctl tokenize``: add token ids to records, pack them into fixed-length sequences, or decode them.
 
+``tokenizer`` is a :class:`llmctl.core.tokenize.backend.Tokenizer` (see :func:`open_tokenizer`).
 All three stream: records are read, encoded in batches of ``batch_size`` (one call into the Rust
 tokenizer per batch) and written in input order as they are done. Fields other than the one written
 pass through untouched.
@@ -48,12 +49,6 @@ def messages_of(record: dict) -> tuple[Any, str | None]:
     return messages, None
 
 
-def chat_text(tokenizer, messages: list[dict]) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise UsageError("this tokenizer has no chat template; drop --apply-chat-template")
-    return tokenizer.apply_chat_template(messages, tokenize=False)
-
-
 def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     batch: list[Record] = []
     for record in records:
@@ -81,8 +76,8 @@ def encode_records(
     if add_special is None:
         add_special = not chat  # the template already holds the special tokens
     for batch in _batches(records, batch_size):
-        texts = [chat_text(tokenizer, r.text) if chat else r.text for r in batch]
-        encoded = tokenizer(texts, add_special_tokens=add_special, verbose=False)["input_ids"]
+        texts = [tokenizer.render_chat(r.text) if chat else r.text for r in batch]
+        encoded = tokenizer.encode_batch(texts, add_special_tokens=add_special)
         for record, ids in zip(batch, encoded, strict=True):
             if options.max_length is not None and len(ids) > options.max_length:
                 if not options.truncate:
@@ -176,7 +171,7 @@ def decode_records(
 ) -> Iterator[dict]:
     """Yield each record with ``text_field`` set to the decoded ``input_ids``."""
     stats = stats if stats is not None else TokenizeStats()
-    vocab = len(tokenizer)
+    vocab = tokenizer.vocab_size
     for batch in _batches(records, batch_size):
         for record in batch:
             bad = next((i for i in record.text if i >= vocab), None)
@@ -184,11 +179,7 @@ def decode_records(
                 raise InputDataError(
                     f"{record.where}: token id {bad} is outside the vocabulary (size {vocab})"
                 )
-        texts = tokenizer.batch_decode(
-            [r.text for r in batch],
-            skip_special_tokens=skip_special_tokens,
-            clean_up_tokenization_spaces=False,  # exact round trips: decode(encode(x)) == x
-        )
+        texts = tokenizer.decode_batch([r.text for r in batch], skip_special_tokens=skip_special_tokens)
         for record, text in zip(batch, texts, strict=True):
             set_field(record.data, text_field, text)
             stats.records += 1
