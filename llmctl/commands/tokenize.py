@@ -138,9 +138,10 @@ def main(
                 tokenizer, out, pack, ids_field=ids_field, attention_mask=attention_mask,
                 keep_remainder=keep_remainder, stats=stats,
             )  # fmt: skip
-    with open_writer(output, force=force) as writer:
+    with open_writer(output, force=force) as writer, ui.progress("tokenize") as bar:
         for record in out:
             writer.write(record)
+            bar.advance()
     read_stats.report(ui.warn)
     message = f"{'decoded' if decode else 'tokenized'} {stats.records} records, {stats.tokens:,} tokens"
     if stats.truncated:
