@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 from typing import Annotated
@@ -11,7 +12,6 @@ from typer import TyperException
 
 import llmctl.core  # noqa: F401 - environment defaults (offline, quiet third-party libraries)
 from llmctl import __version__
-from llmctl.commands import convert, init, inspect, tokenize
 from llmctl.core.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
 app = typer.Typer(
@@ -44,14 +44,17 @@ def root(
         typer.echo(ctx.get_help())
 
 
-def _register(name: str, module) -> None:
-    app.command(name, help=module.HELP, epilog=module.EPILOG)(module.main)
+# Subcommand name -> module in llmctl/commands. Each module defines HELP, EPILOG and main().
+COMMANDS = {
+    "convert": "llmctl.commands.convert",
+    "init": "llmctl.commands.init",
+    "inspect": "llmctl.commands.inspect",
+    "tokenize": "llmctl.commands.tokenize",
+}
 
-
-_register("convert", convert)
-_register("init", init)
-_register("inspect", inspect)
-_register("tokenize", tokenize)
+for _name, _module_path in COMMANDS.items():
+    _module = importlib.import_module(_module_path)
+    app.command(_name, help=_module.HELP, epilog=_module.EPILOG)(_module.main)
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001

