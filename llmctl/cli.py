@@ -50,6 +50,7 @@ COMMANDS = {
     "init": "llmctl.commands.init",
     "inspect": "llmctl.commands.inspect",
     "tokenize": "llmctl.commands.tokenize",
+    "generate": "llmctl.commands.generate",
 }
 
 for _name, _module_path in COMMANDS.items():

@@ -1,0 +1,285 @@
+"""A Llama-family decoder for inference, in plain torch, with a preallocated KV cache.
+
+Covers the architectures llmctl writes and converts: ``llama`` (and SmolLM2), ``mistral`` (without a
+sliding window) and ``qwen2`` (q/k/v biases). Module and parameter names mirror Hugging Face's
+(``model.layers.N.self_attn.q_proj.weight`` ...) so a checkpoint's state dict loads as is.
+
+The arithmetic follows transformers' definitions so that greedy decoding gives the same tokens:
+RMSNorm in float32, RoPE over the rotate-half layout with inverse frequencies from transformers' own
+``ROPE_INIT_FUNCTIONS`` (default, llama3, linear, dynamic, yarn ...), scaled-dot-product attention.
+
+Cache layout (gpt-fast style): one ``[batch, kv_heads, max_len, head_dim]`` tensor per layer for keys and
+for values. Prompts are left-padded to a common length, so every row writes the same cache slot at each
+step; padding slots are masked out, and each row's RoPE positions count its real tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmctl.core.errors import ModelError
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    max_position: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_hf(cls, config: Any) -> ModelArgs:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED:
+            raise ModelError(
+                f"llmctl's engine does not run model_type {model_type!r} yet; "
+                f"supported: {', '.join(SUPPORTED)}"
+            )
+        if model_type in ("mistral", "qwen2") and _sliding_window_active(config):
+            raise ModelError(
+                f"{model_type} with a sliding attention window is not supported by the engine yet"
+            )
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or model_type == "qwen2"
+        return cls(
+            model_type=model_type,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            rms_eps=config.rms_norm_eps,
+            max_position=config.max_position_embeddings,
+            tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=bool(getattr(config, "attention_bias", False)),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        )
+
+
+def _sliding_window_active(config: Any) -> bool:
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2":
+        return bool(getattr(config, "use_sliding_window", False)) and window is not None
+    return window is not None and window < config.max_position_embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, a.n_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, slots, mask):
+        # x: [B, T, hidden]; cos/sin: [B, T, head_dim]; cache_*: [B, kv_heads, max_len, head_dim]
+        # slots: [T] cache positions written by this call; mask: [B, 1, T, kv_len] bool (True = attend)
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache_k[:, :, slots] = k
+        cache_v[:, :, slots] = v
+        kv_len = mask.shape[-1]
+        keys, values = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            # GQA without copying the cache: the query heads that share a kv head become extra query rows.
+            # q: [B, H, T, D] -> [B, kv_heads, groups * T, D]; mask rows repeat once per group.
+            q = q.reshape(b, self.n_kv_heads, groups * t, self.head_dim)
+            mask = mask.expand(b, 1, t, kv_len).repeat(1, 1, groups, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
+        out = out.reshape(b, self.n_heads, t, self.head_dim)  # back to [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_eps)
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, slots, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, slots, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_eps)
+
+
+class DecoderLM(nn.Module):
+    """``logits = model(tokens, positions, slots, mask, cache)``; see :class:`KVCache`."""
+
+    def __init__(self, args: ModelArgs, hf_config: Any) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        inv_freq, scaling = _rope_parameters(hf_config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scaling = scaling
+
+    def tie(self) -> None:
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [B, T] -> cos, sin: [B, T, head_dim], computed in float32 as transformers does
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
+
+    def forward(self, tokens, positions, slots, mask, cache: KVCache, last_only: bool = True):
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer, k, v in zip(self.model.layers, cache.k, cache.v, strict=True):
+            x = layer(x, cos, sin, k, v, slots, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+
+def _rope_parameters(config: Any) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, from transformers' own RoPE definitions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+        raise ModelError(f"RoPE type {rope_type!r} is not supported by llmctl's engine")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq, float(scaling)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: ``[batch, kv_heads, max_len, head_dim]`` each."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype) -> None:
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
+
+
+def load_decoder(ref, *, device: str = "auto", dtype: str = "auto") -> tuple[DecoderLM, Any]:
+    """The engine's model for a model directory or GGUF file, and the Hugging Face config it came from."""
+    from llmctl.core.models.hf import load_config
+    from llmctl.core.runtime import resolve_device, resolve_dtype
+
+    config = load_config(ref)
+    args = ModelArgs.from_hf(config)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev, getattr(config, "dtype", None))
+    state = _state_dict(ref, torch_dtype)
+    with torch.device("meta"):  # no memory for random weights that are overwritten at once
+        model = DecoderLM(args, config)
+    inv_freq, _ = _rope_parameters(config)
+    if args.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (args.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelError(
+            f"weights of {ref.path} do not match a {args.model_type} model: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.inv_freq = inv_freq  # replaces the meta buffer; RoPE angles stay float32
+    model.tie()
+    model.to(device=dev, dtype=torch_dtype)
+    model.inv_freq = inv_freq.to(dev)
+    model.eval()
+    return model, config
+
+
+def _state_dict(ref, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors of a Hugging Face directory (safetensors, shard by shard) or a GGUF file (via transformers)."""
+    import json
+
+    if ref.kind == "gguf":
+        from llmctl.core.models.hf import load_model
+
+        hf = load_model(ref, device="cpu", dtype="float32")
+        return {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    from safetensors.torch import load_file
+
+    index = ref.path / "model.safetensors.index.json"
+    files = (
+        sorted({ref.path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if index.is_file()
+        else sorted(ref.path.glob("*.safetensors"))
+    )
+    if not files:
+        raise ModelError(f"{ref.path} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
+        except Exception as e:
+            raise ModelError(f"cannot read {file}: {e}") from e
+    return state

@@ -1,0 +1,76 @@
+"""llmctl generate through the CLI: JSONL in and out, overrides, errors, the real model."""
+
+import json
+
+import pytest
+
+from tests.conftest import read_jsonl, run_llmctl, write_jsonl
+
+
+def test_records_get_completions_and_keep_their_fields(cli, tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "prompt": "Hello", "max_tokens": 5, "meta": {"k": 1}},
+        {"id": "b", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0.9, "seed": 2},
+    ])  # fmt: skip
+    result = cli("generate", tiny_model, path, "--max-tokens", "7", "--ignore-eos")
+    assert result.exit_code == 0, result.stderr
+    a, b = read_jsonl(result.stdout)
+    assert list(a)[:4] == ["id", "prompt", "max_tokens", "meta"] and a["meta"] == {"k": 1}
+    assert a["usage"]["completion_tokens"] == 5 and a["finish_reason"] == "length"
+    assert isinstance(a["completion"], str)
+    assert b["message"]["role"] == "assistant" and b["usage"]["completion_tokens"] == 7
+
+
+def test_output_is_the_same_whatever_the_batch_size(cli, tiny_model, tmp_path):
+    records = [{"prompt": "x" * (i + 1), "temperature": 1.0, "seed": i} for i in range(5)]
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    outs = {
+        cli("generate", tiny_model, path, "--max-tokens", "6", "--batch-size", b).stdout
+        for b in ("1", "2", "5")
+    }
+    assert len(outs) == 1
+
+
+def test_n_samples_and_logprobs(cli, tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    result = cli("generate", tiny_model, path, "--n", "3", "--temperature", "1", "--max-tokens", "4",
+                 "--ignore-eos", "--top-logprobs", "2")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    record = read_jsonl(result.stdout)[0]
+    assert [c["index"] for c in record["choices"]] == [0, 1, 2]
+    assert record["usage"]["completion_tokens"] == 12
+    lp = record["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == 4 and all(v <= 0 for v in lp["token_logprobs"])
+    assert all(len(d) == 2 for d in lp["top_logprobs"])
+
+
+def test_bad_lines_exit_3_naming_the_line_or_are_skipped_keeping_the_rest(cli, tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "ok"}, {"messages": [{"role": "wizard", "content": "x"}]}, {"prompt": "a" * 600},
+        {"prompt": "fine", "temperature": -1}, {"prompt": "also ok"},
+    ])  # fmt: skip
+    result = cli("generate", tiny_model, path, "--max-tokens", "2")
+    assert result.exit_code == 3
+    assert "p.jsonl:2: unknown chat role 'wizard'" in result.stderr
+    result = cli("generate", tiny_model, path, "--max-tokens", "2", "--skip-bad-lines")
+    assert result.exit_code == 0, result.stderr
+    assert [r["prompt"] for r in read_jsonl(result.stdout)] == ["ok", "also ok"]
+    assert "skipped 3 bad line(s)" in result.stderr
+
+
+def test_contradictory_flags_are_usage_errors(cli, tiny_model):
+    assert cli("generate", tiny_model, "--stream").exit_code == 2
+    assert cli("generate", tiny_model, "--prompt", "x", "--top-p", "0").exit_code == 2
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris_from_the_command_line(smollm2):
+    result = run_llmctl("generate", smollm2, "--chat", "--prompt", "What is the capital of France?",
+                        "--max-tokens", "20")  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().strip() == "The capital of France is Paris."
+    line = json.dumps({"id": 7, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    result = run_llmctl("generate", smollm2, "--max-tokens", "20", input=line + "\n")
+    record = read_jsonl(result.stdout)[0]
+    assert record["message"]["content"] == "The capital of France is Paris."
+    assert record["finish_reason"] == "stop" and record["id"] == 7
