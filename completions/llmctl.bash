@@ -6,7 +6,7 @@ _llmctl() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "convert init inspect tokenize --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "convert generate init inspect tokenize --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -20,6 +20,30 @@ _llmctl() {
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --to --outtype --dtype --max-shard-size --force --json -q --quiet --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    generate)
+        case "$prev" in
+            --prompt) COMPREPLY=(); return ;;
+            --max-tokens) COMPREPLY=(); return ;;
+            --temperature) COMPREPLY=(); return ;;
+            --top-k) COMPREPLY=(); return ;;
+            --top-p) COMPREPLY=(); return ;;
+            --min-p) COMPREPLY=(); return ;;
+            --repetition-penalty) COMPREPLY=(); return ;;
+            --frequency-penalty) COMPREPLY=(); return ;;
+            --presence-penalty) COMPREPLY=(); return ;;
+            --stop) COMPREPLY=(); return ;;
+            --n) COMPREPLY=(); return ;;
+            --top-logprobs) COMPREPLY=(); return ;;
+            --seed) COMPREPLY=(); return ;;
+            --batch-size) COMPREPLY=(); return ;;
+            --device) COMPREPLY=(); return ;;
+            --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt --chat --stream --max-tokens --temperature --top-k --top-p --min-p --repetition-penalty --frequency-penalty --presence-penalty --stop --ignore-eos --n --logprobs --top-logprobs --seed --batch-size --device --dtype -o --output --force --skip-bad-lines -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     init)
