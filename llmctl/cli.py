@@ -51,6 +51,7 @@ COMMANDS = {
     "inspect": "llmctl.commands.inspect",
     "tokenize": "llmctl.commands.tokenize",
     "generate": "llmctl.commands.generate",
+    "eval": "llmctl.commands.eval",
 }
 
 for _name, _module_path in COMMANDS.items():

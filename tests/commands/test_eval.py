@@ -1,0 +1,62 @@
+"""llmctl eval through the CLI: results in lm-eval's shape, samples, errors."""
+
+import json
+
+import pytest
+
+from tests.conftest import read_jsonl, write_jsonl
+
+ARC = [{"question": f"What is {i} plus one?", "choices": [str(i + 1), str(i + 2), "cat"], "answer": 0}
+       for i in range(6)]  # fmt: skip
+
+
+def test_multiple_choice_results_use_lm_evals_keys_and_samples_are_logged(cli, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "arc.jsonl", ARC)
+    out, samples = tmp_path / "results.json", tmp_path / "samples.jsonl"
+    result = cli(
+        "eval", tiny_model, "--task", "arc", "--data", data, "-o", out, "--log-samples", samples, "--quiet"
+    )
+    assert result.exit_code == 0, result.stderr
+    results = json.loads(out.read_text())
+    values = results["results"]["arc"]
+    assert {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none", "ece,none"} <= set(values)
+    assert results["n-samples"]["arc"] == {"original": 6, "effective": 6}
+    logged = read_jsonl(samples.read_text())
+    assert len(logged) == 6
+    assert values["acc,none"] == pytest.approx(sum(s["acc"] for s in logged) / 6)
+    assert all(len(s["loglikelihoods"]) == 3 for s in logged)
+
+
+def test_perplexity_on_a_text_file(cli, tiny_model, tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text("The first line of text.\nA second, longer line of text for the model.\n")
+    result = cli("eval", tiny_model, "--task", "perplexity", "--data", data, "--max-length", "8", "--json")
+    assert result.exit_code == 0, result.stderr
+    values = json.loads(result.stdout)["results"]["perplexity"]
+    assert values["word_perplexity,none"] > values["byte_perplexity,none"] > 1
+    assert values["bits_per_byte,none"] == pytest.approx(
+        __import__("math").log2(values["byte_perplexity,none"]), rel=1e-9
+    )
+
+
+def test_generative_task_reports_each_filter(cli, tiny_model, tmp_path):
+    docs = [{"question": "1+1?", "answer": "It is 2.\n#### 2"}, {"question": "2+2?", "answer": "#### 4"}]
+    data = write_jsonl(tmp_path / "gsm.jsonl", docs)
+    result = cli("eval", tiny_model, "--task", "gsm8k", "--data", data, "--fewshot-data", data,
+                 "--num-fewshot", "1", "--json", "--batch-size", "2")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    values = json.loads(result.stdout)["results"]["gsm8k"]
+    assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(values)
+
+
+def test_bad_inputs_exit_with_one_line_and_write_nothing(cli, tiny_model, tmp_path):
+    out = tmp_path / "r.json"
+    result = cli("eval", tiny_model, "--task", "nope", "-o", out)
+    assert result.exit_code == 2 and "unknown task" in result.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a"], "answer": 3}])
+    result = cli("eval", tiny_model, "--task", "arc", "--data", bad, "-o", out)
+    assert result.exit_code == 3 and "not an index" in result.stderr
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"query": "q", "choices": ["a"], "answer": 0}])
+    result = cli("eval", tiny_model, "--task", "arc", "--data", missing, "-o", out)
+    assert result.exit_code == 3 and "question" in result.stderr
+    assert not out.exists()
