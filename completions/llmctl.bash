@@ -6,7 +6,7 @@ _llmctl() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "convert generate init inspect tokenize --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "convert eval generate init inspect tokenize --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -20,6 +20,26 @@ _llmctl() {
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --to --outtype --dtype --max-shard-size --force --json -q --quiet --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    eval)
+        case "$prev" in
+            --task) COMPREPLY=(); return ;;
+            --data) COMPREPLY=(); return ;;
+            --fewshot-data) COMPREPLY=(); return ;;
+            --num-fewshot) COMPREPLY=(); return ;;
+            --limit) COMPREPLY=(); return ;;
+            --max-length) COMPREPLY=(); return ;;
+            --stride) COMPREPLY=(); return ;;
+            --log-samples) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --seed) COMPREPLY=(); return ;;
+            --batch-size) COMPREPLY=(); return ;;
+            --device) COMPREPLY=(); return ;;
+            --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--task --data --fewshot-data --num-fewshot --limit --max-length --stride --log-samples -o --output --seed --batch-size --device --dtype --force --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     generate)
