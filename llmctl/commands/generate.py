@@ -10,9 +10,6 @@ import typer
 from llmctl.core.command import cli_command
 from llmctl.core.console import ui
 from llmctl.core.errors import UsageError
-from llmctl.core.generate.engine import Request, generate
-from llmctl.core.generate.run import complete_records, encode_prompt, load_engine, prompt_of
-from llmctl.core.generate.sampling import SamplingParams
 from llmctl.core.io import ReadStats, open_writer, read_records, resolve_input
 from llmctl.core.options import (
     BatchSizeOpt,
@@ -91,6 +88,11 @@ def main(
     debug: DebugOpt = False,
     config: ConfigOpt = None,
 ) -> None:
+    # The engine imports torch: only when the command runs, so that `llmctl --help` stays instant.
+    from llmctl.core.generate.engine import Request, generate
+    from llmctl.core.generate.run import complete_records, encode_prompt, load_engine, prompt_of
+    from llmctl.core.generate.sampling import SamplingParams
+
     if (stream or chat) and prompt is None:
         raise UsageError("--stream and --chat go with --prompt")
     if prompt is not None and input is not None:

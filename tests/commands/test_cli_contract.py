@@ -98,3 +98,12 @@ def test_all_commands_share_the_same_option_names():
         opts = {o for p in group.commands[name].params for o in getattr(p, "opts", [])}
         for shared in ("--quiet", "--debug", "--config"):
             assert shared in opts, (name, shared)
+
+
+def test_starting_the_cli_does_not_import_torch_or_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, llmctl.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
