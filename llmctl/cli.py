@@ -52,6 +52,8 @@ COMMANDS = {
     "tokenize": "llmctl.commands.tokenize",
     "generate": "llmctl.commands.generate",
     "eval": "llmctl.commands.eval",
+    "dedup": "llmctl.commands.dedup",
+    "filter": "llmctl.commands.filter",
 }
 
 for _name, _module_path in COMMANDS.items():

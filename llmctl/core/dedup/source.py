@@ -1,0 +1,62 @@
+"""Input for dedup and filter: records whose text field is a non-empty string, readable twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmctl.core.io import ReadStats, Record, read_records
+from llmctl.core.io.fields import get_field
+from llmctl.core.io.jsonl import STDIN
+
+
+def nonempty_text(text_field: str) -> Callable[[dict], tuple[Any, str | None]]:
+    """An ``extract`` for ``read_records``: the field's string value; missing, non-string or blank is bad."""
+
+    def extract(obj: dict) -> tuple[Any, str | None]:
+        try:
+            value = get_field(obj, text_field)
+        except KeyError:
+            hint = " (use --text-field to name another)" if text_field == "text" else ""
+            return None, f"missing field {text_field!r}{hint}"
+        if not isinstance(value, str):
+            return None, f"field {text_field!r} is {type(value).__name__}, expected a string"
+        if not value.strip():
+            return None, f"field {text_field!r} is empty"
+        return value, None
+
+    return extract
+
+
+@dataclass
+class TwoPassInput:
+    """Records of one input, iterable twice: a file is re-read; stdin is kept in memory on the first pass."""
+
+    path: str
+    text_field: str = "text"
+    skip_bad_lines: bool = False
+    whole_file: bool = False
+    stats: ReadStats = field(default_factory=ReadStats)
+    _kept: list[Record] | None = None
+
+    def _read(self, stats: ReadStats) -> Iterator[Record]:
+        return read_records(
+            self.path, extract=nonempty_text(self.text_field), skip_bad_lines=self.skip_bad_lines,
+            whole_file=self.whole_file, stats=stats,
+        )  # fmt: skip
+
+    def first_pass(self) -> Iterator[Record]:
+        if self.path != STDIN:
+            yield from self._read(self.stats)
+            return
+        self._kept = []
+        for record in self._read(self.stats):
+            self._kept.append(record)
+            yield record
+
+    def second_pass(self) -> Iterator[Record]:
+        if self._kept is not None:
+            yield from self._kept
+        else:
+            yield from self._read(ReadStats())
