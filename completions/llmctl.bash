@@ -6,7 +6,7 @@ _llmctl() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "convert eval generate init inspect tokenize --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "convert dedup eval filter generate init inspect tokenize --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -20,6 +20,31 @@ _llmctl() {
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --to --outtype --dtype --max-shard-size --force --json -q --quiet --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    dedup)
+        case "$prev" in
+            --method) COMPREPLY=($(compgen -W "exact minhash" -- "$cur")); return ;;
+            --text-field) COMPREPLY=(); return ;;
+            --normalize) COMPREPLY=(); return ;;
+            --ngram) COMPREPLY=(); return ;;
+            --shingle) COMPREPLY=($(compgen -W "word char" -- "$cur")); return ;;
+            --num-perm) COMPREPLY=(); return ;;
+            --threshold) COMPREPLY=(); return ;;
+            --bands) COMPREPLY=(); return ;;
+            --rows) COMPREPLY=(); return ;;
+            --hash) COMPREPLY=($(compgen -W "fast datasketch" -- "$cur")); return ;;
+            --keep) COMPREPLY=($(compgen -W "first longest" -- "$cur")); return ;;
+            --clusters) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --index) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --workers) COMPREPLY=(); return ;;
+            --engine) COMPREPLY=($(compgen -W "local ray" -- "$cur")); return ;;
+            --against) COMPREPLY=(); return ;;
+            --against-field) COMPREPLY=(); return ;;
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method --text-field --normalize --ngram --shingle --num-perm --threshold --bands --rows --hash --verify-jaccard --keep --mark --clusters --index --workers --engine --against --against-field -o --output --force --skip-bad-lines --whole-file --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     eval)
@@ -40,6 +65,19 @@ _llmctl() {
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--task --data --fewshot-data --num-fewshot --limit --max-length --stride --log-samples -o --output --seed --batch-size --device --dtype --force --json -q --quiet --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    filter)
+        case "$prev" in
+            --rules) COMPREPLY=(); return ;;
+            --thresholds) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --lang-field) COMPREPLY=(); return ;;
+            --lang) COMPREPLY=(); return ;;
+            --text-field) COMPREPLY=(); return ;;
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--rules --thresholds --mark --lang-field --lang --text-field -o --output --force --skip-bad-lines --whole-file --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     generate)
