@@ -50,6 +50,7 @@ COMMANDS = {
     "init": "llmctl.commands.init",
     "inspect": "llmctl.commands.inspect",
     "tokenize": "llmctl.commands.tokenize",
+    "tokenize-train": "llmctl.commands.tokenize_train",
     "generate": "llmctl.commands.generate",
     "eval": "llmctl.commands.eval",
     "dedup": "llmctl.commands.dedup",
