@@ -6,7 +6,7 @@ _llmctl() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "convert dedup eval filter generate init inspect tokenize --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "convert dedup eval filter generate init inspect tokenize tokenize-train --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -134,6 +134,25 @@ _llmctl() {
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--text-field --ids-field --apply-chat-template --add-special-tokens --no-add-special-tokens --attention-mask --max-length --truncate --pack --keep-remainder --decode --skip-special-tokens --batch-size -o --output --force --skip-bad-lines --whole-file -q --quiet --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    tokenize-train)
+        case "$prev" in
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --algo) COMPREPLY=($(compgen -W "bpe wordpiece unigram" -- "$cur")); return ;;
+            --vocab-size) COMPREPLY=(); return ;;
+            --pre-tokenizer) COMPREPLY=($(compgen -W "gpt2 cl100k o200k whitespace metaspace none" -- "$cur")); return ;;
+            --special-tokens) COMPREPLY=(); return ;;
+            --min-frequency) COMPREPLY=(); return ;;
+            --character-coverage) COMPREPLY=(); return ;;
+            --sample-lines) COMPREPLY=(); return ;;
+            --chat-template) COMPREPLY=(); return ;;
+            --engine) COMPREPLY=($(compgen -W "hf reference" -- "$cur")); return ;;
+            --text-field) COMPREPLY=(); return ;;
+            --seed) COMPREPLY=(); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --algo --vocab-size --pre-tokenizer --byte-level --no-byte-level --byte-fallback --special-tokens --min-frequency --character-coverage --sample-lines --chat-template --engine --text-field --skip-bad-lines --whole-file --seed --force --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     esac
