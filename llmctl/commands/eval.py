@@ -10,7 +10,8 @@ import typer
 
 from llmctl.core.command import cli_command
 from llmctl.core.console import ui
-from llmctl.core.eval.runner import EvalOptions, evaluate
+from llmctl.core.errors import InputDataError, UsageError
+from llmctl.core.eval.runner import EvalOptions, evaluate, merge_shards, parse_shard
 from llmctl.core.eval.tasks import load_task
 from llmctl.core.io import atomic_output, check_output, open_writer
 from llmctl.core.options import (
@@ -29,19 +30,27 @@ HELP = """Evaluate a model on a task: perplexity (rolling windows), multiple cho
 generation (exact match after regex extraction), computed as lm-evaluation-harness computes them.
 
 --task is a built-in (gsm8k, arc, arc_mosaic, piqa, perplexity) or an lm-eval-style task YAML file that
-reads local JSONL. Results use lm-eval's keys ("acc,none", "acc_stderr,none", "word_perplexity,none", ...)."""
+reads local JSONL. Results use lm-eval's keys ("acc,none", "acc_stderr,none", "word_perplexity,none", ...).
+--shard i/n evaluates every n-th document from the i-th; --merge-shards combines the shards' result
+files into exactly the numbers of one run."""
 
 EPILOG = """Examples:
 
   llmctl eval ./smollm2 --task perplexity --data ../shared/data/wikitext-2/test.txt --max-length 512
 
-  llmctl eval ./smollm2 --task arc_mosaic --data arc_easy.jsonl --limit 100 --output results.json"""
+  llmctl eval ./smollm2 --task arc_mosaic --data arc_easy.jsonl --limit 100 --output results.json
+
+  llmctl eval --merge-shards shard0.json --merge-shards shard1.json -o results.json"""
 
 
 @cli_command("eval")
 def main(
-    model: Annotated[str, typer.Argument(help="A Hugging Face model directory or a .gguf file.")],
-    task: Annotated[str, typer.Option("--task", help="Built-in task name or a task YAML file.")],
+    model: Annotated[
+        str | None, typer.Argument(help="A Hugging Face model directory or a .gguf file.", show_default=False)
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="Built-in task name or a task YAML file.")
+    ] = None,
     data: Annotated[
         str | None, typer.Option("--data", help="The documents to evaluate (JSONL or .txt).")
     ] = None,
@@ -57,6 +66,17 @@ def main(
     ] = None,
     stride: Annotated[
         int | None, typer.Option("--stride", min=1, help="Perplexity: overlapping windows advancing by N.")
+    ] = None,
+    shard: Annotated[
+        str | None, typer.Option("--shard", help="Evaluate shard i of n (i/n, i from 0) for --merge-shards.")
+    ] = None,
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option("--merge-shards", help="Combine these shard result files (repeat once per shard)."),
+    ] = None,
+    fit_temperature: Annotated[
+        str | None,
+        typer.Option("--fit-temperature", help="Multiple choice: fit a temperature on this validation file."),
     ] = None,
     log_samples: Annotated[
         Path | None, typer.Option("--log-samples", help="Write per-document details as JSONL here.")
@@ -74,6 +94,18 @@ def main(
     debug: DebugOpt = False,
     config: ConfigOpt = None,
 ) -> None:
+    if merge:
+        if model or task:
+            raise UsageError("--merge-shards takes shard result files only, no MODEL or --task")
+        results = merge_shards([_read_json(p) for p in merge])
+        _write(results, output, force)
+        if as_json:
+            ui.print_json(results)
+        elif not quiet:
+            _table(results)
+        return
+    if model is None or task is None:
+        raise UsageError("give a MODEL and --task (or --merge-shards FILES)")
     spec = load_task(task)
     for path in (output, log_samples):
         if path is not None:
@@ -83,7 +115,10 @@ def main(
     opts = EvalOptions(
         data=data, fewshot_data=fewshot_data, num_fewshot=num_fewshot, limit=limit, seed=seed,
         batch_size=batch_size, max_length=max_length, stride=stride, device=device, dtype=dtype.value,
+        shard=parse_shard(shard) if shard else None, fit_temperature=fit_temperature,
     )  # fmt: skip
+    if fit_temperature and spec.output_type != "multiple_choice":
+        raise UsageError("--fit-temperature applies to multiple-choice tasks only")
     with ui.progress(f"eval {spec.name}") as bar:
         results, samples = evaluate(spec, model, opts, progress=lambda n=1: bar.advance(n))
     if output is not None:
@@ -99,6 +134,23 @@ def main(
         ui.print_json(results)
     elif not quiet:
         _table(results)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"shard results file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputDataError(f"{path}: not a results JSON file ({e})") from None
+
+
+def _write(results: dict, output: Path | None, force: bool) -> None:
+    if output is not None:
+        with atomic_output(output, force=force, is_dir=False) as tmp:
+            tmp.write_text(
+                json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+            )
 
 
 def _table(results: dict) -> None:

@@ -60,3 +60,43 @@ def test_bad_inputs_exit_with_one_line_and_write_nothing(cli, tiny_model, tmp_pa
     result = cli("eval", tiny_model, "--task", "arc", "--data", missing, "-o", out)
     assert result.exit_code == 3 and "question" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("task", ["arc", "perplexity", "gsm8k"])
+def test_shards_merged_give_the_numbers_of_one_run(cli, tiny_model, tmp_path, task):
+    if task == "arc":
+        data = write_jsonl(tmp_path / "d.jsonl", ARC)
+    elif task == "perplexity":
+        data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"document {i} " * (i + 2)} for i in range(7)])
+    else:
+        data = write_jsonl(
+            tmp_path / "d.jsonl", [{"question": f"{i}?", "answer": f"#### {i}"} for i in range(5)]
+        )
+    common = ["--task", task, "--data", data, "--max-length", "32", "--num-fewshot", "0", "--quiet"]
+    assert cli("eval", tiny_model, *common, "-o", tmp_path / "all.json").exit_code == 0
+    shards = []
+    for i in range(3):
+        path = tmp_path / f"s{i}.json"
+        result = cli("eval", tiny_model, *common, "--shard", f"{i}/3", "-o", path)
+        assert result.exit_code == 0, result.stderr
+        shards += ["--merge-shards", path]
+    assert cli("eval", *shards, "-o", tmp_path / "merged.json", "--quiet").exit_code == 0
+    single = json.loads((tmp_path / "all.json").read_text())["results"]
+    merged = json.loads((tmp_path / "merged.json").read_text())["results"]
+    assert merged == single
+
+
+def test_merge_needs_every_shard_once(cli, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ARC)
+    path = tmp_path / "s0.json"
+    cli("eval", tiny_model, "--task", "arc", "--data", data, "--shard", "0/2", "-o", path, "--quiet")
+    result = cli("eval", "--merge-shards", path, "-o", tmp_path / "m.json")
+    assert result.exit_code == 3 and "every shard 0..n-1" in result.stderr
+
+
+def test_fit_temperature_reports_calibrated_ece(cli, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ARC)
+    result = cli("eval", tiny_model, "--task", "arc", "--data", data, "--fit-temperature", data, "--json")
+    assert result.exit_code == 0, result.stderr
+    values = json.loads(result.stdout)["results"]["arc"]
+    assert values["temperature,none"] > 0 and 0 <= values["ece_calibrated,none"] <= 1

@@ -151,3 +151,19 @@ def test_fewshot_examples_are_reproducible_and_exclude_the_document(tmp_path):
         shots = context.split("\n\n")
         assert len(shots) == 4 and shots[-1] == f"Question: {doc['question']}\nAnswer:"
         assert all(f"Question: {doc['question']}\n" not in s for s in shots[:-1])
+
+
+def test_fitted_temperature_undoes_a_known_sharpening():
+    import random
+
+    from llmctl.core.eval.runner import fit_temperature
+
+    rng = random.Random(0)
+    lls, golds = [], []
+    for _ in range(400):
+        logits = [rng.gauss(0, 1) for _ in range(4)]
+        probs = [math.exp(x) for x in logits]
+        gold = rng.choices(range(4), weights=probs)[0]  # gold drawn from softmax(logits): calibrated at T=1
+        lls.append([3.0 * x for x in logits])  # an over-confident model: logits sharpened 3x
+        golds.append(gold)
+    assert fit_temperature(lls, golds) == pytest.approx(3.0, rel=0.25)
