@@ -56,6 +56,9 @@ _llmctl() {
             --limit) COMPREPLY=(); return ;;
             --max-length) COMPREPLY=(); return ;;
             --stride) COMPREPLY=(); return ;;
+            --shard) COMPREPLY=(); return ;;
+            --merge-shards) COMPREPLY=(); return ;;
+            --fit-temperature) COMPREPLY=(); return ;;
             --log-samples) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             --seed) COMPREPLY=(); return ;;
@@ -64,7 +67,7 @@ _llmctl() {
             --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--task --data --fewshot-data --num-fewshot --limit --max-length --stride --log-samples -o --output --seed --batch-size --device --dtype --force --json -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--task --data --fewshot-data --num-fewshot --limit --max-length --stride --shard --merge-shards --fit-temperature --log-samples -o --output --seed --batch-size --device --dtype --force --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     filter)
