@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import bench_model
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 VENV = Path(os.environ.get("LLMCTL_CACHE") or "~/.cache/llmctl").expanduser() / "venvs" / "lm-eval"
@@ -188,15 +190,7 @@ def main() -> None:
     parser.add_argument("--limit-gsm", type=int, default=10)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llmctl-bench-eval-"))
-    if args.model:
-        model = args.model
-    elif args.quick:
-        model = str(tmp / "tiny")
-        subprocess.run([sys.executable, "-m", "llmctl", "init", "-o", model, "--quiet"], check=True)
-    else:
-        from llmctl.core.models.smollm2 import fetch_smollm2
-
-        model = str(fetch_smollm2())
+    model = bench_model(args.model, args.quick, tmp)
     write_inputs(tmp, args.quick, {"ppl": args.limit_ppl, "arc": args.limit_arc, "gsm": args.limit_gsm})
     peer = None if args.quick else ensure_venv()
     print(f"model {model}; batch {args.batch_size}; max_length {args.max_length}")

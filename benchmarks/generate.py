@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import bench_model
 
 import llmctl.core  # noqa: F401 - offline, quiet
 
@@ -55,15 +54,7 @@ def main() -> None:
     from llmctl.core.generate.sampling import SamplingParams
 
     tmp = tempfile.TemporaryDirectory(prefix="llmctl-bench-")
-    if args.model:
-        model_dir = Path(args.model)
-    elif args.quick:
-        model_dir = Path(tmp.name) / "tiny"
-        subprocess.run([sys.executable, "-m", "llmctl", "init", "-o", str(model_dir), "--quiet"], check=True)
-    else:
-        from llmctl.core.models.smollm2 import fetch_smollm2
-
-        model_dir = fetch_smollm2()
+    model_dir = Path(bench_model(args.model, args.quick, Path(tmp.name)))
     new = args.new_tokens or (8 if args.quick else 128)
     repeats = 1 if args.quick else args.repeats
 

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import bench_model
+
 ROOT = Path(__file__).resolve().parent.parent
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
@@ -70,15 +72,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="llmctl-bench-") as tmp:
         tmp = Path(tmp)
-        if args.model:
-            model = args.model
-        elif args.quick:
-            model = str(tmp / "tiny")
-            subprocess.run([sys.executable, "-m", "llmctl", "init", "-o", model, "--quiet"], check=True)
-        else:
-            from llmctl.core.models.smollm2 import fetch_smollm2
-
-            model = str(fetch_smollm2())
+        model = bench_model(args.model, args.quick, tmp)
         corpus = tmp / "corpus.jsonl"
         size = make_corpus(corpus, args.quick)
         records = sum(1 for _ in corpus.open())
