@@ -52,7 +52,7 @@ def test_generative_task_reports_each_filter(cli, tiny_model, tmp_path):
 def test_bad_inputs_exit_with_one_line_and_write_nothing(cli, tiny_model, tmp_path):
     out = tmp_path / "r.json"
     result = cli("eval", tiny_model, "--task", "nope", "-o", out)
-    assert result.exit_code == 2 and "unknown task" in result.stderr
+    assert result.exit_code == 3 and "unknown task" in result.stderr
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a"], "answer": 3}])
     result = cli("eval", tiny_model, "--task", "arc", "--data", bad, "-o", out)
     assert result.exit_code == 3 and "not an index" in result.stderr
@@ -100,3 +100,24 @@ def test_fit_temperature_reports_calibrated_ece(cli, tiny_model, tmp_path):
     assert result.exit_code == 0, result.stderr
     values = json.loads(result.stdout)["results"]["arc"]
     assert values["temperature,none"] > 0 and 0 <= values["ece_calibrated,none"] <= 1
+
+
+def test_a_gguf_model_gives_the_same_numbers_as_its_directory(cli, tiny_model, tmp_path):
+    from llmctl.core.models.gguf_export import export_gguf
+
+    gguf_dir = tmp_path / "gguf"
+    gguf_dir.mkdir()
+    export_gguf(tiny_model, gguf_dir / "tiny.gguf", outtype="f32")
+    data = write_jsonl(tmp_path / "d.jsonl", ARC)
+    args = ["--task", "arc", "--data", data, "--json", "--quiet"]
+    from_dir = json.loads(cli("eval", tiny_model, *args).stdout)["results"]["arc"]
+    from_gguf = json.loads(cli("eval", gguf_dir / "tiny.gguf", *args).stdout)["results"]["arc"]
+    assert from_gguf == from_dir
+
+
+def test_empty_data_is_an_input_error(cli, tiny_model, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "r.json"
+    result = cli("eval", tiny_model, "--task", "arc", "--data", empty, "-o", out)
+    assert result.exit_code == 3 and "no documents" in result.stderr and not out.exists()

@@ -198,7 +198,8 @@ def load_task(name_or_path: str) -> Task:
     if name_or_path in builtins:
         path = builtins[name_or_path]
     elif not path.is_file():
-        raise UsageError(
+        # exit 3 as the eval issue specifies for an unknown task (a task is the data's definition)
+        raise InputDataError(
             f"unknown task {name_or_path!r}: not a built-in ({', '.join(builtins)}) or a YAML file"
         )
     try:

@@ -124,8 +124,8 @@ def test_missing_template_field_and_bad_answers_are_input_errors():
         doc_target(task, {"question": "q", "choices": ["a", "b"], "answer": 5})
 
 
-def test_unknown_task_and_hub_datasets_are_usage_errors():
-    with pytest.raises(UsageError, match="unknown task"):
+def test_unknown_tasks_are_input_errors_and_hub_datasets_usage_errors():
+    with pytest.raises(InputDataError, match="unknown task"):
         load_task("no-such-task")
     with pytest.raises(UsageError, match="download"):
         parse_task({"task": "x", "dataset_path": "openai/gsm8k", "output_type": "generate_until"}, "<t>")
