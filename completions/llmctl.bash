@@ -6,7 +6,7 @@ _llmctl() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "convert dedup eval filter generate init inspect tokenize tokenize-train --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "convert dedup eval filter generate init inspect merge tokenize tokenize-train --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -124,6 +124,27 @@ _llmctl() {
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--json -q --quiet --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    merge)
+        case "$prev" in
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --base) COMPREPLY=(); return ;;
+            --method) COMPREPLY=(); return ;;
+            --lora) COMPREPLY=(); return ;;
+            --t) COMPREPLY=(); return ;;
+            --weights) COMPREPLY=(); return ;;
+            --density) COMPREPLY=(); return ;;
+            --gamma) COMPREPLY=(); return ;;
+            --lambda) COMPREPLY=(); return ;;
+            --tokenizer-source) COMPREPLY=(); return ;;
+            --max-shard-size) COMPREPLY=(); return ;;
+            --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+            --device) COMPREPLY=(); return ;;
+            --seed) COMPREPLY=(); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --base --linear --task-arithmetic --ties --dare-ties --dare-linear --slerp --breadcrumbs --model-stock --method --lora --t --weights --density --gamma --lambda --tokenizer-source --max-shard-size --dtype --device --seed --force -q --quiet --json --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     tokenize)

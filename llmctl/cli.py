@@ -51,10 +51,11 @@ COMMANDS = {
     "inspect": "llmctl.commands.inspect",
     "tokenize": "llmctl.commands.tokenize",
     "tokenize-train": "llmctl.commands.tokenize_train",
-    "generate": "llmctl.commands.generate",
-    "eval": "llmctl.commands.eval",
     "dedup": "llmctl.commands.dedup",
     "filter": "llmctl.commands.filter",
+    "generate": "llmctl.commands.generate",
+    "eval": "llmctl.commands.eval",
+    "merge": "llmctl.commands.merge",
 }
 
 for _name, _module_path in COMMANDS.items():
