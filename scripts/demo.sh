@@ -23,3 +23,12 @@ rm -rf "$OUT"
 
 say "python scripts/chat.py \$MODEL 'What is the capital of France?'   # greedy, through transformers"
 python scripts/chat.py "$MODEL" "What is the capital of France?"
+
+say "llmctl generate \$MODEL --chat --prompt 'What is the capital of France?'   # llmctl's own engine"
+llmctl generate "$MODEL" --chat --prompt "What is the capital of France?" --max-tokens 32
+
+say "llmctl eval \$MODEL --task perplexity --data corpus.txt --max-length 256   # a two-line corpus"
+CORPUS=$(mktemp --suffix=.txt)
+printf 'The quick brown fox jumps over the lazy dog.\nParis is the capital and largest city of France.\n' > "$CORPUS"
+llmctl eval "$MODEL" --task perplexity --data "$CORPUS" --max-length 256
+rm -f "$CORPUS"
