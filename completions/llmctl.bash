@@ -97,6 +97,8 @@ _llmctl() {
             --stop) COMPREPLY=(); return ;;
             --n) COMPREPLY=(); return ;;
             --top-logprobs) COMPREPLY=(); return ;;
+            --prompt-lookup) COMPREPLY=(); return ;;
+            --lookup-ngram) COMPREPLY=(); return ;;
             --seed) COMPREPLY=(); return ;;
             --batch-size) COMPREPLY=(); return ;;
             --device) COMPREPLY=(); return ;;
@@ -104,7 +106,7 @@ _llmctl() {
             -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt --chat --stream --max-tokens --temperature --top-k --top-p --min-p --repetition-penalty --frequency-penalty --presence-penalty --stop --ignore-eos --n --logprobs --top-logprobs --seed --batch-size --device --dtype -o --output --force --skip-bad-lines -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt --chat --stream --max-tokens --temperature --top-k --top-p --min-p --repetition-penalty --frequency-penalty --presence-penalty --stop --ignore-eos --n --logprobs --top-logprobs --prompt-lookup --lookup-ngram --seed --batch-size --device --dtype -o --output --force --skip-bad-lines -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     init)

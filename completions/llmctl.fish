@@ -105,6 +105,8 @@ complete -c llmctl -n '__fish_seen_subcommand_from generate' -l ignore-eos -d 'K
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l n -x -d 'Samples per prompt (seeds seed, seed+1, ...)'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l logprobs -d 'Add each tokens log-probability'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l top-logprobs -x -d 'Also the k most likely alternatives'
+complete -c llmctl -n '__fish_seen_subcommand_from generate' -l prompt-lookup -x -d 'Greedy only draft up to K tokens by prompt lookup (0 off)'
+complete -c llmctl -n '__fish_seen_subcommand_from generate' -l lookup-ngram -x -d 'Longest n-gram matched for --prompt-lookup'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l seed -x -d 'Random seed the same seed gives the same output'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l batch-size -x -d 'Records processed together'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l device -x -d 'Where to run auto (CUDA when available, else CPU), cpu, cuda or cudaN'

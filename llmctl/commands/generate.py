@@ -77,6 +77,15 @@ def main(
     top_logprobs: Annotated[
         int, typer.Option("--top-logprobs", min=0, max=20, help="Also the k most likely alternatives.")
     ] = 0,
+    prompt_lookup: Annotated[
+        int,
+        typer.Option(
+            "--prompt-lookup", min=0, help="Greedy only: draft up to K tokens by prompt lookup (0: off)."
+        ),
+    ] = 0,
+    lookup_ngram: Annotated[
+        int, typer.Option("--lookup-ngram", min=1, help="Longest n-gram matched for --prompt-lookup.")
+    ] = 3,
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
@@ -90,6 +99,7 @@ def main(
 ) -> None:
     # The engine imports torch: only when the command runs, so that `llmctl --help` stays instant.
     from llmctl.core.generate.engine import Request, generate
+    from llmctl.core.generate.lookup import LookupStats, generate_lookup
     from llmctl.core.generate.run import complete_records, encode_prompt, load_engine, prompt_of
     from llmctl.core.generate.sampling import SamplingParams
 
@@ -103,6 +113,10 @@ def main(
         presence_penalty=presence_penalty, stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed, n=n,
         logprobs=logprobs, top_logprobs=top_logprobs,
     ).validate()  # fmt: skip
+    if prompt_lookup and not defaults.greedy:
+        raise UsageError("--prompt-lookup is exact only for greedy decoding: drop --temperature")
+    lookup = (prompt_lookup, lookup_ngram) if prompt_lookup else None
+    lookup_stats = LookupStats()
     if prompt is not None:
         if n > 1 and stream:
             raise UsageError("--stream prints one completion: drop --n")
@@ -111,20 +125,32 @@ def main(
         value = [{"role": "user", "content": prompt}] if chat else prompt
         request = Request(encode_prompt(engine, kind, value), defaults, "--prompt")
         on_token = (lambda _row, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
-        completions = generate(engine, [request], on_token=on_token)
+        if lookup:
+            completions = generate_lookup(
+                engine,
+                request,
+                num_draft=lookup[0],
+                max_ngram=lookup[1],
+                stats=lookup_stats,
+                on_token=on_token,
+            )
+        else:
+            completions = generate(engine, [request], on_token=on_token)
         if stream:
             sys.stdout.write("\n")
         else:
             for c in completions:
                 sys.stdout.write(c.text + "\n")
+        _report_lookup(lookup, lookup_stats)
         return
     source = resolve_input(input)
     engine = load_engine(model, device=device, dtype=dtype.value)
     read_stats = ReadStats()
     records = read_records(source, extract=prompt_of, skip_bad_lines=skip_bad_lines, stats=read_stats)
     results = complete_records(
-        engine, records, defaults, batch_size=batch_size, skip_bad_lines=skip_bad_lines, read_stats=read_stats
-    )
+        engine, records, defaults, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
+        read_stats=read_stats, lookup=lookup, lookup_stats=lookup_stats,
+    )  # fmt: skip
     count = 0
     with open_writer(output, force=force) as writer, ui.progress("generate") as bar:
         for record in results:
@@ -133,3 +159,12 @@ def main(
             bar.advance()
     read_stats.report(ui.warn)
     ui.info(f"completed {count} records")
+    _report_lookup(lookup, lookup_stats)
+
+
+def _report_lookup(lookup, stats) -> None:
+    if lookup:
+        ui.info(
+            f"prompt lookup: {stats.accepted}/{stats.drafted} draft tokens accepted "
+            f"({stats.acceptance:.0%}) over {stats.steps} verification steps"
+        )

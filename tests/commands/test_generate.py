@@ -74,3 +74,13 @@ def test_smollm2_answers_paris_from_the_command_line(smollm2):
     record = read_jsonl(result.stdout)[0]
     assert record["message"]["content"] == "The capital of France is Paris."
     assert record["finish_reason"] == "stop" and record["id"] == 7
+
+
+def test_prompt_lookup_flag_gives_the_same_output_and_reports_acceptance(cli, tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abcabcabcabc"}, {"prompt": "xyzxyz"}])
+    plain = cli("generate", tiny_model, path, "--max-tokens", "12", "--ignore-eos")
+    fast = cli("generate", tiny_model, path, "--max-tokens", "12", "--ignore-eos", "--prompt-lookup", "4")
+    assert fast.exit_code == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+    assert "prompt lookup:" in fast.stderr
+    assert cli("generate", tiny_model, path, "--prompt-lookup", "4", "--temperature", "0.5").exit_code == 2

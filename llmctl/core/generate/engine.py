@@ -83,6 +83,12 @@ def generate(
     rows = expand(requests)
     if not rows:
         return []
+    check_rows(engine, rows)
+    return list(_run(engine, rows, on_token))
+
+
+def check_rows(engine: Engine, rows: list[Request]) -> None:
+    """Refuse empty and too-long prompts; cap max_tokens at what the context has room for."""
     for r in rows:
         need = len(r.prompt_ids) + r.params.max_tokens
         if not r.prompt_ids:
@@ -94,7 +100,6 @@ def generate(
             )
         if need > engine.context_length:
             r.params = _capped(r.params, engine.context_length - len(r.prompt_ids))
-    return list(_run(engine, rows, on_token))
 
 
 def _capped(params: SamplingParams, max_tokens: int) -> SamplingParams:

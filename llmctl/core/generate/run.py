@@ -7,6 +7,7 @@ from typing import Any
 
 from llmctl.core.errors import InputDataError
 from llmctl.core.generate.engine import Completion, Engine, Request, as_dict, generate
+from llmctl.core.generate.lookup import LookupStats, generate_lookup
 from llmctl.core.generate.model import load_decoder
 from llmctl.core.generate.sampling import SAMPLING_KEYS, SamplingParams
 from llmctl.core.io.jsonl import ReadStats, Record
@@ -91,12 +92,25 @@ def complete_records(
     batch_size: int = 8,
     skip_bad_lines: bool = False,
     read_stats: ReadStats | None = None,
+    lookup: tuple[int, int] | None = None,
+    lookup_stats: LookupStats | None = None,
 ) -> Iterator[dict]:
-    """Yield each record with its completion(s) added, in input order."""
+    """Yield each record with its completion(s) added, in input order.
+
+    ``lookup=(num_draft, max_ngram)`` decodes with prompt lookup (greedy only; same output, maybe faster).
+    """
     batch: list[tuple[Record, Request]] = []
 
     def flush() -> Iterator[dict]:
-        completions = iter(generate(engine, [req for _, req in batch]))
+        if lookup is not None:  # prompt-lookup decoding runs one request at a time
+            done = []
+            for _, req in batch:
+                done += generate_lookup(
+                    engine, req, num_draft=lookup[0], max_ngram=lookup[1], stats=lookup_stats
+                )
+            completions = iter(done)
+        else:
+            completions = iter(generate(engine, [req for _, req in batch]))
         for record, req in batch:
             samples = [next(completions) for _ in range(req.params.n)]
             yield output_record(engine, record, req, samples)

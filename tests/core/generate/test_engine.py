@@ -163,3 +163,47 @@ def test_samples_follow_the_distribution_the_definitions_give(params):
     chi2 = float(((counts[support] - exp_counts) ** 2 / exp_counts).sum())
     assert chi2 < 28, chi2
     assert math.isclose(float(expected.sum()), 1.0, rel_tol=1e-5)
+
+
+# -- prompt lookup ---------------------------------------------------------------------------------------
+def test_find_draft_copies_what_followed_the_latest_match():
+    from llmctl.core.generate.lookup import find_draft
+
+    tokens = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3]
+    assert find_draft(tokens, 3, 3) == [7, 8, 4]  # the latest earlier "1 2 3" is followed by 7 8 4
+    assert find_draft([5, 6, 7], 4, 3) == []
+    assert find_draft([5, 6, 5], 4, 3) == [6, 5]  # falls back to shorter n-grams
+
+
+@pytest.mark.parametrize("num_draft", [1, 4, 10])
+def test_prompt_lookup_gives_exactly_the_greedy_tokens(sharp_model, num_draft):
+    from llmctl.core.generate.lookup import LookupStats, generate_lookup
+
+    engine = load_engine(str(sharp_model), device="cpu")
+    # a repetitive prompt, so that drafts exist and some are accepted
+    prompt = [1] + [40, 41, 42, 43, 44, 45] * 4
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain = generate(engine, [Request(prompt, params)])[0]
+    stats = LookupStats()
+    fast = generate_lookup(engine, Request(prompt, params), num_draft=num_draft, stats=stats)[0]
+    assert fast.token_ids == plain.token_ids and fast.text == plain.text
+    assert stats.drafted > 0 and stats.steps <= 30
+
+
+@pytest.mark.slow
+def test_prompt_lookup_matches_greedy_on_smollm2_and_saves_steps(smollm2):
+    from llmctl.core.generate.lookup import LookupStats, generate_lookup
+
+    engine = load_engine(str(smollm2), device="cpu")
+    text = "Repeat exactly: " + "The quick brown fox jumps over the lazy dog. " * 2
+    messages = [{"role": "user", "content": text}]
+    ids = engine.tokenizer(
+        engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
+    params = SamplingParams(max_tokens=40)
+    plain = generate(engine, [Request(ids, params)])[0]
+    stats = LookupStats()
+    fast = generate_lookup(engine, Request(ids, params), num_draft=8, stats=stats)[0]
+    assert fast.token_ids == plain.token_ids
+    assert stats.accepted > 0 and stats.steps < len(plain.token_ids)
