@@ -7,26 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl.core.io import ReadStats, Record, read_records
-from llmctl.core.io.fields import get_field
-from llmctl.core.io.jsonl import STDIN
+from llmctl.core.io.jsonl import STDIN, text_extractor
 
 
 def nonempty_text(text_field: str) -> Callable[[dict], tuple[Any, str | None]]:
     """An ``extract`` for ``read_records``: the field's string value; missing, non-string or blank is bad."""
-
-    def extract(obj: dict) -> tuple[Any, str | None]:
-        try:
-            value = get_field(obj, text_field)
-        except KeyError:
-            hint = " (use --text-field to name another)" if text_field == "text" else ""
-            return None, f"missing field {text_field!r}{hint}"
-        if not isinstance(value, str):
-            return None, f"field {text_field!r} is {type(value).__name__}, expected a string"
-        if not value.strip():
-            return None, f"field {text_field!r} is empty"
-        return value, None
-
-    return extract
+    return text_extractor(text_field, allow_blank=False)
 
 
 @dataclass

@@ -125,6 +125,8 @@ def read_records(
     goes into ``Record.text`` (e.g. a chat's ``messages``); its errors are handled like any bad line.
     """
     stats = stats if stats is not None else ReadStats()
+    if extract is None and text_field is not None:
+        extract = text_extractor(text_field)
     name = display_name(path)
     as_text = input_format == "text" or whole_file or (input_format == "auto" and _is_text_path(path))
     stream = open_input(path)
@@ -134,8 +136,6 @@ def read_records(
         for line_no, obj, error in source:
             if error is None and extract is not None:
                 text, error = extract(obj)
-            elif error is None and text_field is not None:
-                text, error = _text_of(obj, text_field)
             else:
                 text = None
             if error is not None:
@@ -206,12 +206,20 @@ def _nest(path: str, value: str) -> dict[str, Any]:
     return obj
 
 
-def _text_of(obj: dict, text_field: str) -> tuple[str | None, str | None]:
-    try:
-        value = get_field(obj, text_field)
-    except KeyError:
-        hint = " (use --text-field to name another)" if text_field == "text" else ""
-        return None, f"missing field {text_field!r}{hint}"
-    if not isinstance(value, str):
-        return None, f"field {text_field!r} is {type(value).__name__}, expected a string"
-    return value, None
+def text_extractor(text_field: str, *, allow_blank: bool = True) -> Callable[[dict], tuple[Any, str | None]]:
+    """An ``extract`` for :func:`read_records`: the string at ``text_field``; missing or non-string (and,
+    unless ``allow_blank``, empty or whitespace-only) is a bad line."""
+
+    def extract(obj: dict) -> tuple[Any, str | None]:
+        try:
+            value = get_field(obj, text_field)
+        except KeyError:
+            hint = " (use --text-field to name another)" if text_field == "text" else ""
+            return None, f"missing field {text_field!r}{hint}"
+        if not isinstance(value, str):
+            return None, f"field {text_field!r} is {type(value).__name__}, expected a string"
+        if not allow_blank and not value.strip():
+            return None, f"field {text_field!r} is empty"
+        return value, None
+
+    return extract
