@@ -5,10 +5,11 @@ import re
 import pytest
 
 from llmctl import __version__
+from llmctl.cli import COMMANDS as REGISTERED
 from llmctl.cli import app
 from tests.conftest import run_llmctl
 
-COMMANDS = ["convert", "init", "inspect", "tokenize"]
+COMMANDS = sorted(REGISTERED)
 
 
 def test_version(cli):
