@@ -58,9 +58,15 @@ COMMANDS = {
     "merge": "llmctl.commands.merge",
 }
 
+def _keep_lines(epilog: str) -> str:
+    """Mark indented example paragraphs with click's no-rewrap marker, so that examples stay on one line
+    (and can be pasted) whatever the terminal width."""
+    return "\n\n".join("\b\n" + p if p.startswith(" ") else p for p in epilog.split("\n\n"))
+
+
 for _name, _module_path in COMMANDS.items():
     _module = importlib.import_module(_module_path)
-    app.command(_name, help=_module.HELP, epilog=_module.EPILOG)(_module.main)
+    app.command(_name, help=_module.HELP, epilog=_keep_lines(_module.EPILOG))(_module.main)
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001

@@ -1,5 +1,6 @@
 """The rules every command keeps: exit codes, one-line errors, --help examples, --config, --version."""
 
+import importlib
 import re
 
 import pytest
@@ -31,6 +32,11 @@ def test_every_command_help_ends_with_a_runnable_example(cli, name):
     assert result.exit_code == 0
     tail = result.stdout[result.stdout.index("Examples:") :]
     assert re.search(rf"^\s+llmctl {name} \S", tail, re.M)
+    # examples are printed whole, one per line, however narrow the terminal (so they can be pasted)
+    module = importlib.import_module(REGISTERED[name])
+    examples = [line.strip() for line in module.EPILOG.splitlines() if line.strip().startswith("llmctl ")]
+    shown = [line.strip() for line in tail.splitlines()]
+    assert examples and all(example in shown for example in examples)
 
 
 def test_usage_error_is_one_line_with_exit_code_2():
