@@ -21,10 +21,21 @@ def test_multiple_choice_results_use_lm_evals_keys_and_samples_are_logged(cli, t
     values = results["results"]["arc"]
     assert {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none", "ece,none"} <= set(values)
     assert results["n-samples"]["arc"] == {"original": 6, "effective": 6}
+    assert len(results["model_provenance"]["config_sha256"]) == 64
+
     logged = read_jsonl(samples.read_text())
     assert len(logged) == 6
     assert values["acc,none"] == pytest.approx(sum(s["acc"] for s in logged) / 6)
     assert all(len(s["loglikelihoods"]) == 3 for s in logged)
+
+
+def test_results_name_the_command_that_made_the_model(cli, tmp_path):
+    model = tmp_path / "m"
+    assert cli("init", "-o", model, "--seed", "5", "--quiet").exit_code == 0
+    data = write_jsonl(tmp_path / "arc.jsonl", ARC[:2])
+    result = cli("eval", model, "--task", "arc", "--data", data, "--json", "--quiet")
+    made_by = json.loads(result.stdout)["model_provenance"]["made_by"]
+    assert made_by["command"] == "init" and made_by["seed"] == 5
 
 
 def test_perplexity_on_a_text_file(cli, tiny_model, tmp_path):

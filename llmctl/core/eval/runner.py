@@ -130,6 +130,7 @@ def evaluate(
             "device": opts.device,
             "dtype": opts.dtype,
         },
+        "model_provenance": model_provenance(model_path),
         "versions": {"llmctl": __version__, "python": platform.python_version(), **_lib_versions()},
         "total_evaluation_time_seconds": round(time.time() - started, 3),
     }
@@ -214,6 +215,30 @@ def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
     )
     merged["config"] = {**shards[0]["config"], "merged_shards": len(shards)}
     return merged
+
+
+def model_provenance(model_path: str) -> dict[str, Any]:
+    """Which model was evaluated: its path, the sha256 of its config (or of the GGUF file), and the
+    ``llmctl.json`` of the command that made it, when llmctl made it."""
+    import json
+    from pathlib import Path
+
+    from llmctl.core.provenance import PROVENANCE_FILE, sha256_file
+
+    path = Path(model_path).resolve()
+    out: dict[str, Any] = {"path": str(path)}
+    if path.is_file():
+        out["sha256"] = sha256_file(path)
+        return out
+    if (path / "config.json").is_file():
+        out["config_sha256"] = sha256_file(path / "config.json")
+    made_by = path / PROVENANCE_FILE
+    if made_by.is_file():
+        try:
+            out["made_by"] = json.loads(made_by.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            out["made_by"] = None
+    return out
 
 
 def _lib_versions() -> dict[str, str]:
