@@ -58,6 +58,7 @@ COMMANDS = {
     "merge": "llmctl.commands.merge",
 }
 
+
 def _keep_lines(epilog: str) -> str:
     """Mark indented example paragraphs with click's no-rewrap marker, so that examples stay on one line
     (and can be pasted) whatever the terminal width."""
