@@ -36,6 +36,16 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(33))
 
 
+def _ngram_fold(units: np.ndarray, n: int, m: int) -> np.ndarray:
+    """FNV-1a over each window of ``n`` consecutive unit hashes: ``[m]`` uint64, window i = units[i : i+n]."""
+    prime = np.uint64(_FNV_PRIME)
+    acc = np.full(m, _FNV_OFFSET, dtype=np.uint64)
+    for k in range(n):
+        acc ^= units[k : k + m]
+        acc *= prime
+    return acc
+
+
 def _fold32(h: np.ndarray) -> np.ndarray:
     return ((h >> np.uint64(32)) ^ h).astype(np.uint32)
 
@@ -103,12 +113,7 @@ def fast_hashes(text: str, n: int, kind: str, hasher: UnitHasher) -> np.ndarray:
         n, m = count, 1
     else:
         m = count - n + 1
-    prime = np.uint64(_FNV_PRIME)
-    acc = np.full(m, _FNV_OFFSET, dtype=np.uint64)
-    for k in range(n):
-        acc ^= units[k : k + m]
-        acc *= prime
-    return _fold32(_fmix64(acc))
+    return _fold32(_fmix64(_ngram_fold(units, n, m)))
 
 
 def fast_hashes_batch(
@@ -134,11 +139,7 @@ def fast_hashes_batch(
     total = int(lengths.sum())
     if total >= n:
         m = total - n + 1
-        prime = np.uint64(_FNV_PRIME)
-        acc = np.full(m, _FNV_OFFSET, dtype=np.uint64)
-        for k in range(n):
-            acc ^= units[k : k + m]
-            acc *= prime
+        acc = _ngram_fold(units, n, m)
         doc = np.repeat(np.arange(len(texts)), lengths)[:m]  # [m] the document each window starts in
         offset = np.arange(m) - starts[doc]
         valid = (lengths[doc] > n) & (offset <= lengths[doc] - n)

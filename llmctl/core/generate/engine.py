@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -67,8 +67,6 @@ class Engine:
 
 def expand(requests: list[Request]) -> list[Request]:
     """``n`` samples of a request become ``n`` rows with seeds seed, seed+1, ... (reproducible per sample)."""
-    from dataclasses import replace
-
     rows = []
     for r in requests:
         for i in range(r.params.n):
@@ -103,8 +101,6 @@ def check_rows(engine: Engine, rows: list[Request]) -> None:
 
 
 def _capped(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-
     return replace(params, max_tokens=max_tokens)
 
 
