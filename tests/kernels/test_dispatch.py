@@ -40,3 +40,17 @@ def test_unknown_kernel_and_double_registration_fail_loudly(registry):
         registry.get_kernel("nope", on_cuda=False)
     with pytest.raises(ValueError):
         registry.register_kernel("double", torch=abs)
+
+
+def test_importing_the_kernels_package_pulls_in_neither_the_cli_nor_optional_dependencies():
+    """The GPU machine has only torch and triton: ``import llmctl.kernels`` must need nothing else."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmctl.kernels; "
+        "bad = [m for m in ('typer', 'rich', 'transformers', 'datasketch', 'bitsandbytes', 'llmctl.cli', "
+        "'llmctl.commands', 'yaml', 'gguf') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
