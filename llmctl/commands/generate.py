@@ -36,7 +36,8 @@ EPILOG = """Examples:
 
   llmctl generate ./smollm2 --chat --prompt "What is the capital of France?"
 
-  llmctl generate ./model prompts.jsonl --temperature 0.7 --top-p 0.9 --max-tokens 128 --seed 1"""
+  llmctl generate ./model prompts.jsonl --temperature 0.7 --top-p 0.9 --max-tokens 128 --seed 1
+  llmctl generate ./model prompts.jsonl --num-beams 4 --n 2 --length-penalty 1.0"""
 
 
 @cli_command("generate")
@@ -86,6 +87,16 @@ def main(
     lookup_ngram: Annotated[
         int, typer.Option("--lookup-ngram", min=1, help="Longest n-gram matched for --prompt-lookup.")
     ] = 3,
+    num_beams: Annotated[
+        int,
+        typer.Option("--num-beams", min=0, help="Beam search with this many beams (0: off; HF semantics)."),
+    ] = 0,
+    length_penalty: Annotated[
+        float, typer.Option("--length-penalty", help="Beam score = logprob sum / length**this.")
+    ] = 1.0,
+    early_stopping: Annotated[
+        str, typer.Option("--early-stopping", help="Beam search stop rule: false (HF default), true, never.")
+    ] = "false",
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
@@ -98,6 +109,7 @@ def main(
     config: ConfigOpt = None,
 ) -> None:
     # The engine imports torch: only when the command runs, so that `llmctl --help` stays instant.
+    from llmctl.core.generate.beam import BeamParams, generate_beam
     from llmctl.core.generate.engine import Request, generate
     from llmctl.core.generate.lookup import LookupStats, generate_lookup
     from llmctl.core.generate.run import complete_records, encode_prompt, load_engine, prompt_of
@@ -116,6 +128,11 @@ def main(
     if prompt_lookup and not defaults.greedy:
         raise UsageError("--prompt-lookup is exact only for greedy decoding: drop --temperature")
     lookup = (prompt_lookup, lookup_ngram) if prompt_lookup else None
+    beam = BeamParams(num_beams, length_penalty, early_stopping).validate() if num_beams else None
+    if beam and (lookup or stream):
+        raise UsageError("--num-beams cannot be combined with --prompt-lookup or --stream")
+    if beam and not defaults.greedy:
+        raise UsageError("beam search is deterministic: drop --temperature (beam sampling is not supported)")
     lookup_stats = LookupStats()
     if prompt is not None:
         if n > 1 and stream:
@@ -125,7 +142,9 @@ def main(
         value = [{"role": "user", "content": prompt}] if chat else prompt
         request = Request(encode_prompt(engine, kind, value), defaults, "--prompt")
         on_token = (lambda _row, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
-        if lookup:
+        if beam:
+            completions = generate_beam(engine, request, beam)
+        elif lookup:
             completions = generate_lookup(
                 engine,
                 request,
@@ -149,7 +168,7 @@ def main(
     records = read_records(source, extract=prompt_of, skip_bad_lines=skip_bad_lines, stats=read_stats)
     results = complete_records(
         engine, records, defaults, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
-        read_stats=read_stats, lookup=lookup, lookup_stats=lookup_stats,
+        read_stats=read_stats, lookup=lookup, lookup_stats=lookup_stats, beam=beam,
     )  # fmt: skip
     count = 0
     with open_writer(output, force=force) as writer, ui.progress("generate") as bar:

@@ -84,3 +84,18 @@ def test_prompt_lookup_flag_gives_the_same_output_and_reports_acceptance(cli, ti
     assert fast.stdout == plain.stdout
     assert "prompt lookup:" in fast.stderr
     assert cli("generate", tiny_model, path, "--prompt-lookup", "4", "--temperature", "0.5").exit_code == 2
+
+
+def test_num_beams_returns_the_n_best_hypotheses_with_scores_best_first(cli, tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": 1, "prompt": "Hello"}, {"id": 2, "prompt": "a b"}])
+    result = cli("generate", tiny_model, path, "--num-beams", "3", "--n", "2", "--max-tokens", "5",
+                 "--ignore-eos")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    for record in read_jsonl(result.stdout):
+        scores = [c["score"] for c in record["choices"]]
+        assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    single = cli("generate", tiny_model, path, "--num-beams", "3", "--max-tokens", "5", "--ignore-eos")
+    best = [r["completion"] for r in read_jsonl(single.stdout)]
+    assert best == [r["choices"][0]["completion"] for r in read_jsonl(result.stdout)]
+    assert cli("generate", tiny_model, path, "--num-beams", "2", "--temperature", "0.5").exit_code == 2
+    assert cli("generate", tiny_model, path, "--num-beams", "2", "--early-stopping", "maybe").exit_code == 2

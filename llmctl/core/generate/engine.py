@@ -36,6 +36,7 @@ class Completion:
     prompt_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    score: float | None = None  # beam search: the hypothesis' length-normalised log-probability
 
     @property
     def usage(self) -> dict[str, int]:
@@ -211,6 +212,8 @@ def finish_text(engine: Engine, c: Completion) -> None:
 
 def as_dict(c: Completion, tokenizer: Any = None, *, logprobs: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"finish_reason": c.finish_reason, "usage": c.usage}
+    if c.score is not None:
+        out["score"] = c.score
     if logprobs:
         out["logprobs"] = {
             "tokens": [tokenizer.convert_ids_to_tokens(t) for t in c.token_ids] if tokenizer else c.token_ids,

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from llmctl.core.errors import InputDataError
+from llmctl.core.generate.beam import BeamParams, generate_beam
 from llmctl.core.generate.engine import Completion, Engine, Request, as_dict, generate
 from llmctl.core.generate.lookup import LookupStats, generate_lookup
 from llmctl.core.generate.model import load_decoder
@@ -94,15 +95,19 @@ def complete_records(
     read_stats: ReadStats | None = None,
     lookup: tuple[int, int] | None = None,
     lookup_stats: LookupStats | None = None,
+    beam: BeamParams | None = None,
 ) -> Iterator[dict]:
     """Yield each record with its completion(s) added, in input order.
 
-    ``lookup=(num_draft, max_ngram)`` decodes with prompt lookup (greedy only; same output, maybe faster).
+    ``lookup=(num_draft, max_ngram)`` decodes with prompt lookup (greedy only; same output, maybe faster);
+    ``beam`` runs beam search per request (``n`` = how many of the best hypotheses to return).
     """
     batch: list[tuple[Record, Request]] = []
 
     def flush() -> Iterator[dict]:
-        if lookup is not None:  # prompt-lookup decoding runs one request at a time
+        if beam is not None:  # beam search batches a request's beams, one request at a time
+            completions = iter([c for _, req in batch for c in generate_beam(engine, req, beam)])
+        elif lookup is not None:  # prompt-lookup decoding runs one request at a time
             done = []
             for _, req in batch:
                 done += generate_lookup(
