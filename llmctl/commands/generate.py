@@ -87,6 +87,13 @@ def main(
     lookup_ngram: Annotated[
         int, typer.Option("--lookup-ngram", min=1, help="Longest n-gram matched for --prompt-lookup.")
     ] = 3,
+    draft: Annotated[
+        str | None,
+        typer.Option("--draft", help="Speculative decoding with this draft model (same tokenizer)."),
+    ] = None,
+    num_draft_tokens: Annotated[
+        int, typer.Option("--num-draft-tokens", min=1, help="Tokens the draft proposes per round.")
+    ] = 4,
     num_beams: Annotated[
         int,
         typer.Option("--num-beams", min=0, help="Beam search with this many beams (0: off; HF semantics)."),
@@ -109,9 +116,7 @@ def main(
     config: ConfigOpt = None,
 ) -> None:
     # The engine imports torch: only when the command runs, so that `llmctl --help` stays instant.
-    from llmctl.core.generate.beam import BeamParams, generate_beam
     from llmctl.core.generate.engine import Request, generate
-    from llmctl.core.generate.lookup import LookupStats, generate_lookup
     from llmctl.core.generate.run import complete_records, encode_prompt, load_engine, prompt_of
     from llmctl.core.generate.sampling import SamplingParams
 
@@ -125,34 +130,22 @@ def main(
         presence_penalty=presence_penalty, stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed, n=n,
         logprobs=logprobs, top_logprobs=top_logprobs,
     ).validate()  # fmt: skip
-    if prompt_lookup and not defaults.greedy:
-        raise UsageError("--prompt-lookup is exact only for greedy decoding: drop --temperature")
-    lookup = (prompt_lookup, lookup_ngram) if prompt_lookup else None
-    beam = BeamParams(num_beams, length_penalty, early_stopping).validate() if num_beams else None
-    if beam and (lookup or stream):
-        raise UsageError("--num-beams cannot be combined with --prompt-lookup or --stream")
-    if beam and not defaults.greedy:
-        raise UsageError("beam search is deterministic: drop --temperature (beam sampling is not supported)")
-    lookup_stats = LookupStats()
+    if sum(map(bool, (num_beams, prompt_lookup, draft))) > 1:
+        raise UsageError("choose one of --num-beams, --prompt-lookup and --draft")
+    if prompt is not None and n > 1 and stream:
+        raise UsageError("--stream prints one completion: drop --n")
+    engine = load_engine(model, device=device, dtype=dtype.value)
+    decoder, report = _decoder(
+        engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, draft,
+        num_draft_tokens, stream, device, dtype.value,
+    )  # fmt: skip
     if prompt is not None:
-        if n > 1 and stream:
-            raise UsageError("--stream prints one completion: drop --n")
-        engine = load_engine(model, device=device, dtype=dtype.value)
         kind = "chat" if chat else "text"
         value = [{"role": "user", "content": prompt}] if chat else prompt
         request = Request(encode_prompt(engine, kind, value), defaults, "--prompt")
         on_token = (lambda _row, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
-        if beam:
-            completions = generate_beam(engine, request, beam)
-        elif lookup:
-            completions = generate_lookup(
-                engine,
-                request,
-                num_draft=lookup[0],
-                max_ngram=lookup[1],
-                stats=lookup_stats,
-                on_token=on_token,
-            )
+        if decoder:
+            completions = decoder(request, on_token)
         else:
             completions = generate(engine, [request], on_token=on_token)
         if stream:
@@ -160,15 +153,14 @@ def main(
         else:
             for c in completions:
                 sys.stdout.write(c.text + "\n")
-        _report_lookup(lookup, lookup_stats)
+        report()
         return
     source = resolve_input(input)
-    engine = load_engine(model, device=device, dtype=dtype.value)
     read_stats = ReadStats()
     records = read_records(source, extract=prompt_of, skip_bad_lines=skip_bad_lines, stats=read_stats)
     results = complete_records(
         engine, records, defaults, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
-        read_stats=read_stats, lookup=lookup, lookup_stats=lookup_stats, beam=beam,
+        read_stats=read_stats, one_at_a_time=decoder,
     )  # fmt: skip
     count = 0
     with open_writer(output, force=force) as writer, ui.progress("generate") as bar:
@@ -178,12 +170,54 @@ def main(
             bar.advance()
     read_stats.report(ui.warn)
     ui.info(f"completed {count} records")
-    _report_lookup(lookup, lookup_stats)
+    report()
 
 
-def _report_lookup(lookup, stats) -> None:
-    if lookup:
-        ui.info(
-            f"prompt lookup: {stats.accepted}/{stats.drafted} draft tokens accepted "
-            f"({stats.acceptance:.0%}) over {stats.steps} verification steps"
-        )
+def _decoder(
+    engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, draft,
+    num_draft_tokens, stream, device, dtype,
+):  # fmt: skip
+    """The per-request decoder chosen by the flags (None: the batched engine) and its stats reporter."""
+    from llmctl.core.generate.beam import BeamParams, generate_beam
+    from llmctl.core.generate.lookup import LookupStats, generate_lookup
+    from llmctl.core.generate.run import load_engine
+    from llmctl.core.generate.speculative import check_draft, generate_speculative
+
+    stats = LookupStats()
+    if num_beams:
+        beam = BeamParams(num_beams, length_penalty, early_stopping).validate()
+        if stream:
+            raise UsageError("--num-beams cannot stream: drop --stream")
+        if not defaults.greedy:
+            raise UsageError(
+                "beam search is deterministic: drop --temperature (beam sampling is not supported)"
+            )
+        return (lambda req, _on_token=None: generate_beam(engine, req, beam)), lambda: None
+    if prompt_lookup:
+        if not defaults.greedy:
+            raise UsageError("--prompt-lookup is exact only for greedy decoding: drop --temperature")
+
+        def lookup(req, on_token=None):
+            return generate_lookup(
+                engine, req, num_draft=prompt_lookup, max_ngram=lookup_ngram, stats=stats, on_token=on_token
+            )
+
+        return lookup, lambda: _report(stats, "prompt lookup")
+    if draft:
+        draft_engine = load_engine(draft, device=device, dtype=dtype)
+        check_draft(engine, draft_engine)
+
+        def speculative(req, on_token=None):
+            return generate_speculative(
+                engine, draft_engine, req, num_draft=num_draft_tokens, stats=stats, on_token=on_token
+            )
+
+        return speculative, lambda: _report(stats, "speculative decoding")
+    return None, lambda: None
+
+
+def _report(stats, what: str) -> None:
+    ui.info(
+        f"{what}: {stats.accepted}/{stats.drafted} draft tokens accepted "
+        f"({stats.acceptance:.0%}) over {stats.steps} verification steps"
+    )

@@ -99,3 +99,15 @@ def test_num_beams_returns_the_n_best_hypotheses_with_scores_best_first(cli, tin
     assert best == [r["choices"][0]["completion"] for r in read_jsonl(result.stdout)]
     assert cli("generate", tiny_model, path, "--num-beams", "2", "--temperature", "0.5").exit_code == 2
     assert cli("generate", tiny_model, path, "--num-beams", "2", "--early-stopping", "maybe").exit_code == 2
+
+
+def test_draft_model_speculative_decoding_gives_greedy_output_and_reports_acceptance(cli, tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}, {"prompt": "a b a b"}])
+    plain = cli("generate", tiny_model, path, "--max-tokens", "9", "--ignore-eos")
+    spec = cli("generate", tiny_model, path, "--max-tokens", "9", "--ignore-eos", "--draft", tiny_model,
+               "--num-draft-tokens", "3")  # fmt: skip
+    assert spec.exit_code == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "speculative decoding: " in spec.stderr and "(100%)" in spec.stderr
+    both = cli("generate", tiny_model, path, "--draft", tiny_model, "--num-beams", "2")
+    assert both.exit_code == 2 and "choose one of" in both.stderr

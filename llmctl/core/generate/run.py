@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from llmctl.core.errors import InputDataError
-from llmctl.core.generate.beam import BeamParams, generate_beam
 from llmctl.core.generate.engine import Completion, Engine, Request, as_dict, generate
-from llmctl.core.generate.lookup import LookupStats, generate_lookup
 from llmctl.core.generate.model import load_decoder
 from llmctl.core.generate.sampling import SAMPLING_KEYS, SamplingParams
 from llmctl.core.io.jsonl import ReadStats, Record
@@ -93,27 +91,18 @@ def complete_records(
     batch_size: int = 8,
     skip_bad_lines: bool = False,
     read_stats: ReadStats | None = None,
-    lookup: tuple[int, int] | None = None,
-    lookup_stats: LookupStats | None = None,
-    beam: BeamParams | None = None,
+    one_at_a_time: Callable[[Request], list[Completion]] | None = None,
 ) -> Iterator[dict]:
     """Yield each record with its completion(s) added, in input order.
 
-    ``lookup=(num_draft, max_ngram)`` decodes with prompt lookup (greedy only; same output, maybe faster);
-    ``beam`` runs beam search per request (``n`` = how many of the best hypotheses to return).
+    ``one_at_a_time(request)`` replaces the batched engine with a per-request decoder (beam search,
+    prompt lookup, speculative decoding), returning the request's ``n`` completions.
     """
     batch: list[tuple[Record, Request]] = []
 
     def flush() -> Iterator[dict]:
-        if beam is not None:  # beam search batches a request's beams, one request at a time
-            completions = iter([c for _, req in batch for c in generate_beam(engine, req, beam)])
-        elif lookup is not None:  # prompt-lookup decoding runs one request at a time
-            done = []
-            for _, req in batch:
-                done += generate_lookup(
-                    engine, req, num_draft=lookup[0], max_ngram=lookup[1], stats=lookup_stats
-                )
-            completions = iter(done)
+        if one_at_a_time is not None:
+            completions = iter([c for _, req in batch for c in one_at_a_time(req)])
         else:
             completions = iter(generate(engine, [req for _, req in batch]))
         for record, req in batch:

@@ -1,0 +1,134 @@
+"""Speculative decoding: greedy is token-identical to plain greedy; sampling follows the target's law."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmctl.core.errors import UsageError
+from llmctl.core.generate.engine import Request, generate
+from llmctl.core.generate.run import encode_prompt, load_engine
+from llmctl.core.generate.sampling import SamplingParams
+from llmctl.core.generate.speculative import (
+    SpeculativeStats,
+    accept_or_resample,
+    check_draft,
+    generate_speculative,
+)
+
+PROMPTS = ["Hello", "a b a b a b", "x"]
+
+
+def _sharp(tmp_path_factory, seed):
+    from llmctl.core.models.init import init_model
+
+    directory = tmp_path_factory.mktemp(f"spec{seed}") / "m"
+    directory.mkdir()
+    init_model("llama-tiny", directory, seed=seed)
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    hf.save_pretrained(directory)
+    return load_engine(str(directory), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    return _sharp(tmp_path_factory, 3), _sharp(tmp_path_factory, 5)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_greedy_speculative_output_equals_plain_greedy_with_any_draft(engines, k):
+    target, draft = engines
+    for other in (draft, target):  # a different model (rejections) and the target itself (all accepted)
+        stats = SpeculativeStats()
+        for prompt in PROMPTS:
+            ids = encode_prompt(target, "text", prompt)
+            params = SamplingParams(max_tokens=17, ignore_eos=True)
+            plain = generate(target, [Request(ids, params)])[0]
+            spec = generate_speculative(target, other, Request(ids, params), num_draft=k, stats=stats)[0]
+            assert spec.token_ids == plain.token_ids, (prompt, k)
+            assert spec.finish_reason == plain.finish_reason
+        if other is target:
+            assert stats.acceptance == 1.0
+        assert stats.drafted > 0
+
+
+def test_speculative_respects_stop_tokens_and_max_tokens(engines):
+    target, draft = engines
+    ids = encode_prompt(target, "text", "Hello")
+    plain = generate(target, [Request(ids, SamplingParams(max_tokens=12, ignore_eos=True))])[0]
+    stop_id = plain.token_ids[5]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=(stop_id,))
+    expected = generate(target, [Request(ids, params)])[0]
+    got = generate_speculative(target, draft, Request(ids, params), num_draft=4)[0]
+    assert got.token_ids == expected.token_ids and got.finish_reason == "stop"
+
+
+def test_acceptance_rule_reproduces_the_target_distribution():
+    """Draft from q, keep or resample with the rule: the result is distributed as p (Monte Carlo)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.4, 0.1, 0.2, 0.2])
+    draws = 20000
+    counts = torch.zeros(5)
+    accepted = 0
+    for _ in range(draws):
+        d = int(torch.multinomial(q, 1, generator=g))
+        token, ok = accept_or_resample(p, q, d, g)
+        counts[token] += 1
+        accepted += ok
+    empirical = counts / draws
+    assert (empirical - p).abs().sum() / 2 < 0.015  # total variation
+    # The expected acceptance rate is sum(min(p, q)) (Leviathan et al., eq. 1).
+    assert accepted / draws == pytest.approx(float(torch.minimum(p, q).sum()), abs=0.015)
+
+
+def test_sampled_speculative_tokens_follow_the_targets_next_token_distribution(engines):
+    """The 2nd token is drafted and accepted or resampled: its law given the 1st must be the target's."""
+    from llmctl.core.generate.lookup import _forward
+    from llmctl.core.generate.model import KVCache
+    from llmctl.core.generate.speculative import distribution
+
+    target, draft = engines
+    ids = encode_prompt(target, "text", "a b a b a b")
+    seconds: dict[int, list[int]] = {}
+    stats = SpeculativeStats()
+    for seed in range(300):
+        params = SamplingParams(max_tokens=3, temperature=0.7, ignore_eos=True, seed=seed)
+        c = generate_speculative(target, draft, Request(ids, params), num_draft=1, stats=stats)[0]
+        seconds.setdefault(c.token_ids[0], []).append(c.token_ids[1])
+    assert 0 < stats.acceptance < 1  # both branches of the rule ran
+    first, followers = max(seconds.items(), key=lambda kv: len(kv[1]))
+    cache = KVCache(target.model.args, 1, 32, "cpu", target.dtype)
+    with torch.inference_mode():
+        logits = _forward(target.model, cache, ids + [first], 0)[-1]
+    law = distribution(logits, SamplingParams(temperature=0.7), ids + [first], {first: 1})
+    empirical = torch.bincount(torch.tensor(followers), minlength=law.numel()).float() / len(followers)
+    tv = float((empirical - law).abs().sum() / 2)
+    # The noise floor of the total variation for this many draws from this law, by simulation.
+    g = torch.Generator().manual_seed(1)
+    n = len(followers)
+    noise = sorted(
+        float((torch.bincount(torch.multinomial(law, n, True, generator=g), minlength=law.numel()) / n - law)
+              .abs().sum() / 2)
+        for _ in range(200)
+    )  # fmt: skip
+    assert tv <= noise[-1] * 1.2, (tv, noise[-1], len(followers))
+
+
+def test_a_draft_with_another_vocabulary_is_refused(engines):
+    target, draft = engines
+
+    class OtherTokenizer:
+        def get_vocab(self):
+            return {"a": 0}
+
+    original = draft.tokenizer
+    draft.tokenizer = OtherTokenizer()
+    try:
+        with pytest.raises(UsageError, match="vocabulary"):
+            check_draft(target, draft)
+    finally:
+        draft.tokenizer = original
