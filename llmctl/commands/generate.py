@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from llmctl.core.command import cli_command
 from llmctl.core.console import ui
-from llmctl.core.errors import UsageError
+from llmctl.core.errors import InputDataError, UsageError
 from llmctl.core.io import ReadStats, open_writer, read_records, resolve_input
 from llmctl.core.options import (
     BatchSizeOpt,
@@ -37,7 +38,8 @@ EPILOG = """Examples:
   llmctl generate ./smollm2 --chat --prompt "What is the capital of France?"
 
   llmctl generate ./model prompts.jsonl --temperature 0.7 --top-p 0.9 --max-tokens 128 --seed 1
-  llmctl generate ./model prompts.jsonl --num-beams 4 --n 2 --length-penalty 1.0"""
+  llmctl generate ./model prompts.jsonl --num-beams 4 --n 2 --length-penalty 1.0
+  llmctl generate ./smollm2 --chat --prompt "A user record for Ada, 36" --json-schema user.schema.json"""
 
 
 @cli_command("generate")
@@ -94,6 +96,16 @@ def main(
     num_draft_tokens: Annotated[
         int, typer.Option("--num-draft-tokens", min=1, help="Tokens the draft proposes per round.")
     ] = 4,
+    json_schema: Annotated[
+        Path | None, typer.Option("--json-schema", help="Outputs valid against this JSON schema file.")
+    ] = None,
+    any_json: Annotated[bool, typer.Option("--json", help="Outputs are JSON values.")] = False,
+    regex: Annotated[
+        str | None, typer.Option("--regex", help="Outputs match this regular expression.")
+    ] = None,
+    grammar: Annotated[
+        Path | None, typer.Option("--grammar", help="Outputs in this grammar (GBNF/EBNF, or Lark if *.lark).")
+    ] = None,
     num_beams: Annotated[
         int,
         typer.Option("--num-beams", min=0, help="Beam search with this many beams (0: off; HF semantics)."),
@@ -116,6 +128,7 @@ def main(
     config: ConfigOpt = None,
 ) -> None:
     # The engine imports torch: only when the command runs, so that `llmctl --help` stays instant.
+    from llmctl.core.generate.constrained import Constraint, compiler_for
     from llmctl.core.generate.engine import Request, generate
     from llmctl.core.generate.run import complete_records, encode_prompt, load_engine, prompt_of
     from llmctl.core.generate.sampling import SamplingParams
@@ -132,9 +145,19 @@ def main(
     ).validate()  # fmt: skip
     if sum(map(bool, (num_beams, prompt_lookup, draft))) > 1:
         raise UsageError("choose one of --num-beams, --prompt-lookup and --draft")
+    constraint = Constraint.from_flags(json_schema, any_json, regex, grammar)
+    if constraint and (num_beams or prompt_lookup or draft):
+        raise UsageError(
+            "constrained decoding runs on the batched engine: drop --num-beams/--prompt-lookup/--draft"
+        )
     if prompt is not None and n > 1 and stream:
         raise UsageError("--stream prints one completion: drop --n")
     engine = load_engine(model, device=device, dtype=dtype.value)
+    if constraint is not None:
+        try:
+            compiler_for(engine).compile(constraint)
+        except InputDataError as e:  # the flag's value is what is wrong
+            raise UsageError(e.message) from None
     decoder, report = _decoder(
         engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, draft,
         num_draft_tokens, stream, device, dtype.value,
@@ -142,7 +165,7 @@ def main(
     if prompt is not None:
         kind = "chat" if chat else "text"
         value = [{"role": "user", "content": prompt}] if chat else prompt
-        request = Request(encode_prompt(engine, kind, value), defaults, "--prompt")
+        request = Request(encode_prompt(engine, kind, value), defaults, "--prompt", constraint)
         on_token = (lambda _row, text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
         if decoder:
             completions = decoder(request, on_token)
@@ -160,7 +183,7 @@ def main(
     records = read_records(source, extract=prompt_of, skip_bad_lines=skip_bad_lines, stats=read_stats)
     results = complete_records(
         engine, records, defaults, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
-        read_stats=read_stats, one_at_a_time=decoder,
+        read_stats=read_stats, one_at_a_time=decoder, constraint=constraint,
     )  # fmt: skip
     count = 0
     with open_writer(output, force=force) as writer, ui.progress("generate") as bar:

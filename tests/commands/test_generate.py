@@ -101,7 +101,9 @@ def test_num_beams_returns_the_n_best_hypotheses_with_scores_best_first(cli, tin
     assert cli("generate", tiny_model, path, "--num-beams", "2", "--early-stopping", "maybe").exit_code == 2
 
 
-def test_draft_model_speculative_decoding_gives_greedy_output_and_reports_acceptance(cli, tiny_model, tmp_path):
+def test_draft_model_speculative_decoding_gives_greedy_output_and_reports_acceptance(
+    cli, tiny_model, tmp_path
+):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}, {"prompt": "a b a b"}])
     plain = cli("generate", tiny_model, path, "--max-tokens", "9", "--ignore-eos")
     spec = cli("generate", tiny_model, path, "--max-tokens", "9", "--ignore-eos", "--draft", tiny_model,
@@ -111,3 +113,32 @@ def test_draft_model_speculative_decoding_gives_greedy_output_and_reports_accept
     assert "speculative decoding: " in spec.stderr and "(100%)" in spec.stderr
     both = cli("generate", tiny_model, path, "--draft", tiny_model, "--num-beams", "2")
     assert both.exit_code == 2 and "choose one of" in both.stderr
+
+
+def test_json_schema_flag_and_per_line_response_format_constrain_outputs(cli, tiny_model, tmp_path):
+    schema = {"type": "object", "properties": {"x": {"enum": [1, 2, 3]}}, "required": ["x"],
+              "additionalProperties": False}  # fmt: skip
+    schema_file = tmp_path / "s.json"
+    schema_file.write_text(json.dumps(schema))
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "A"},
+        {"prompt": "B", "response_format": {"type": "json_schema", "json_schema": {"name": "y", "schema": {
+            "type": "object", "properties": {"y": {"type": "boolean"}}, "required": ["y"],
+            "additionalProperties": False}}}},
+    ])  # fmt: skip
+    result = cli(
+        "generate", tiny_model, path, "--json-schema", schema_file, "--temperature", "1", "--max-tokens", "40"
+    )
+    assert result.exit_code == 0, result.stderr
+    a, b = read_jsonl(result.stdout)
+    assert json.loads(a["completion"])["x"] in (1, 2, 3)
+    assert isinstance(json.loads(b["completion"])["y"], bool)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "nonsense"}')
+    result = cli("generate", tiny_model, path, "--json-schema", bad)
+    assert result.exit_code == 2 and "invalid json schema" in result.stderr
+    bad_line = write_jsonl(
+        tmp_path / "q.jsonl", [{"prompt": "A"}, {"prompt": "B", "response_format": {"type": "xml"}}]
+    )
+    result = cli("generate", tiny_model, bad_line, "--max-tokens", "2")
+    assert result.exit_code == 3 and "q.jsonl:2: unknown response_format type 'xml'" in result.stderr

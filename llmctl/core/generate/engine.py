@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from llmctl.core.errors import InputDataError
+from llmctl.core.generate.constrained import Constraint, compiler_for
 from llmctl.core.generate.model import DecoderLM, KVCache
 from llmctl.core.generate.sampling import SamplingParams, process_logits, sample
 
@@ -26,6 +27,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     where: str = ""  # file:line, for error messages
+    constraint: Constraint | None = None  # output language (JSON schema, regex, grammar)
 
 
 @dataclass
@@ -71,7 +73,7 @@ def expand(requests: list[Request]) -> list[Request]:
     rows = []
     for r in requests:
         for i in range(r.params.n):
-            rows.append(Request(r.prompt_ids, replace(r.params, seed=r.params.seed + i, n=1), r.where))
+            rows.append(replace(r, params=replace(r.params, seed=r.params.seed + i, n=1)))
     return rows
 
 
@@ -129,6 +131,7 @@ def _run(engine: Engine, rows: list[Request], on_token) -> Iterator[Completion]:
     logits = model(tokens, positions, torch.arange(prompt_len, device=device), mask, cache)[:, -1]
 
     generators = [_generator(r.params.seed, device) for r in rows]
+    matchers = [compiler_for(engine).matcher(r.constraint, r.where) if r.constraint else None for r in rows]
     done = [False] * b
     out = [Completion(prompt_tokens=len(r.prompt_ids)) for r in rows]
     counts = [Counter() for _ in rows]
@@ -143,11 +146,17 @@ def _run(engine: Engine, rows: list[Request], on_token) -> Iterator[Completion]:
             if r.params.logprobs or r.params.top_logprobs:
                 _record_logprobs(out[i], row, r.params)
             row = process_logits(row, r.params, r.prompt_ids + out[i].token_ids, counts[i])
+            if matchers[i] is not None:
+                matchers[i].mask(row)
             token = sample(row, r.params, generators[i])
+            if matchers[i] is not None:
+                matchers[i].accept(token)
             if r.params.logprobs or r.params.top_logprobs:
                 out[i].logprobs.append(float(logits[i].log_softmax(-1)[token]))
             chosen.append(token)
             _advance(engine, out[i], r, token, counts[i], on_token, i)
+            if matchers[i] is not None and matchers[i].finished:
+                out[i].finish_reason = "stop"  # the grammar is complete (it allowed only EOS)
             done[i] = out[i].finish_reason == "stop" or len(out[i].token_ids) >= r.params.max_tokens
         if all(done) or step == max_new - 1:
             break

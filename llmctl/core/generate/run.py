@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from llmctl.core.errors import InputDataError
+from llmctl.core.generate.constrained import Constraint, compiler_for
 from llmctl.core.generate.engine import Completion, Engine, Request, as_dict, generate
 from llmctl.core.generate.model import load_decoder
 from llmctl.core.generate.sampling import SAMPLING_KEYS, SamplingParams
@@ -71,7 +72,9 @@ def encode_prompt(engine: Engine, kind: str, value: Any) -> list[int]:
     return tok(value)["input_ids"]
 
 
-def make_request(engine: Engine, record: Record, defaults: SamplingParams) -> Request:
+def make_request(
+    engine: Engine, record: Record, defaults: SamplingParams, constraint: Constraint | None = None
+) -> Request:
     kind, value = record.text
     overrides = {k: record.data[k] for k in SAMPLING_KEYS if k in record.data}
     try:
@@ -80,7 +83,13 @@ def make_request(engine: Engine, record: Record, defaults: SamplingParams) -> Re
         raise InputDataError(f"{record.where}: {e}") from None
     except Exception as e:  # UsageError from validate(): it is this line's value that is wrong
         raise InputDataError(f"{record.where}: {e}") from None
-    return Request(encode_prompt(engine, kind, value), params, record.where)
+    try:  # a line's own OpenAI-style response_format wins over the command's constraint
+        constraint = Constraint.from_response_format(record.data.get("response_format")) or constraint
+    except ValueError as e:
+        raise InputDataError(f"{record.where}: {e}") from None
+    if constraint is not None:
+        compiler_for(engine).compile(constraint, record.where)  # a bad schema fails on its own line
+    return Request(encode_prompt(engine, kind, value), params, record.where, constraint)
 
 
 def complete_records(
@@ -92,6 +101,7 @@ def complete_records(
     skip_bad_lines: bool = False,
     read_stats: ReadStats | None = None,
     one_at_a_time: Callable[[Request], list[Completion]] | None = None,
+    constraint: Constraint | None = None,
 ) -> Iterator[dict]:
     """Yield each record with its completion(s) added, in input order.
 
@@ -111,7 +121,7 @@ def complete_records(
 
     for record in records:
         try:
-            request = make_request(engine, record, defaults)
+            request = make_request(engine, record, defaults, constraint)
             if len(request.prompt_ids) >= engine.context_length:
                 raise InputDataError(
                     f"{record.where}: prompt of {len(request.prompt_ids)} tokens does not fit the context "
