@@ -69,5 +69,29 @@ def check_launchable(*tensors: torch.Tensor) -> None:
             )
 
 
+def interpreter_compat() -> None:
+    """Let Triton 3.6's CPU interpreter take tensor loop bounds under NumPy >= 2.4 (idempotent).
+
+    The interpreter turns a scalar tensor used as a ``range`` bound into an int with ``int(array)``, but
+    its scalars are arrays of shape (1,), which NumPy 2.4 no longer converts. Kernels that loop up to runtime
+    bounds (causal block skipping, varlen segments), exactly as they do on the GPU, call this first; it
+    makes ``__index__`` take the single element instead. Only ever applied under ``TRITON_INTERPRET=1``.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_llmctl_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._llmctl_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
