@@ -89,6 +89,15 @@ def main(
     lookup_ngram: Annotated[
         int, typer.Option("--lookup-ngram", min=1, help="Longest n-gram matched for --prompt-lookup.")
     ] = 3,
+    lookahead: Annotated[
+        int,
+        typer.Option(
+            "--lookahead", min=0, help="Greedy only: lookahead (Jacobi) decoding, window W (0: off)."
+        ),
+    ] = 0,
+    lookahead_ngram: Annotated[
+        int, typer.Option("--lookahead-ngram", min=2, help="N-gram length of --lookahead's pool.")
+    ] = 4,
     draft: Annotated[
         str | None,
         typer.Option("--draft", help="Speculative decoding with this draft model (same tokenizer)."),
@@ -143,8 +152,8 @@ def main(
         presence_penalty=presence_penalty, stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed, n=n,
         logprobs=logprobs, top_logprobs=top_logprobs,
     ).validate()  # fmt: skip
-    if sum(map(bool, (num_beams, prompt_lookup, draft))) > 1:
-        raise UsageError("choose one of --num-beams, --prompt-lookup and --draft")
+    if sum(map(bool, (num_beams, prompt_lookup, lookahead, draft))) > 1:
+        raise UsageError("choose one of --num-beams, --prompt-lookup, --lookahead and --draft")
     constraint = Constraint.from_flags(json_schema, any_json, regex, grammar)
     if constraint and (num_beams or prompt_lookup or draft):
         raise UsageError(
@@ -159,8 +168,8 @@ def main(
         except InputDataError as e:  # the flag's value is what is wrong
             raise UsageError(e.message) from None
     decoder, report = _decoder(
-        engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, draft,
-        num_draft_tokens, stream, device, dtype.value,
+        engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, lookahead,
+        lookahead_ngram, draft, num_draft_tokens, stream, device, dtype.value,
     )  # fmt: skip
     if prompt is not None:
         kind = "chat" if chat else "text"
@@ -197,12 +206,12 @@ def main(
 
 
 def _decoder(
-    engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, draft,
-    num_draft_tokens, stream, device, dtype,
+    engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, lookahead,
+    lookahead_ngram, draft, num_draft_tokens, stream, device, dtype,
 ):  # fmt: skip
     """The per-request decoder chosen by the flags (None: the batched engine) and its stats reporter."""
     from llmctl.core.generate.beam import BeamParams, generate_beam
-    from llmctl.core.generate.lookup import LookupStats, generate_lookup
+    from llmctl.core.generate.lookup import LookupStats, generate_lookahead, generate_lookup
     from llmctl.core.generate.run import load_engine
     from llmctl.core.generate.speculative import check_draft, generate_speculative
 
@@ -226,6 +235,16 @@ def _decoder(
             )
 
         return lookup, lambda: _report(stats, "prompt lookup")
+    if lookahead:
+        if not defaults.greedy:
+            raise UsageError("--lookahead is exact only for greedy decoding: drop --temperature")
+
+        def jacobi(req, on_token=None):
+            return generate_lookahead(
+                engine, req, window=lookahead, ngram=lookahead_ngram, stats=stats, on_token=on_token
+            )
+
+        return jacobi, lambda: _report(stats, "lookahead")
     if draft:
         draft_engine = load_engine(draft, device=device, dtype=dtype)
         check_draft(engine, draft_engine)

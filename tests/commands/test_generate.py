@@ -83,6 +83,8 @@ def test_prompt_lookup_flag_gives_the_same_output_and_reports_acceptance(cli, ti
     assert fast.exit_code == 0, fast.stderr
     assert fast.stdout == plain.stdout
     assert "prompt lookup:" in fast.stderr
+    jacobi = cli("generate", tiny_model, path, "--max-tokens", "12", "--ignore-eos", "--lookahead", "3")
+    assert jacobi.stdout == fast.stdout and "lookahead:" in jacobi.stderr
     assert cli("generate", tiny_model, path, "--prompt-lookup", "4", "--temperature", "0.5").exit_code == 2
 
 

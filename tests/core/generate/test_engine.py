@@ -207,3 +207,30 @@ def test_prompt_lookup_matches_greedy_on_smollm2_and_saves_steps(smollm2):
     fast = generate_lookup(engine, Request(ids, params), num_draft=8, stats=stats)[0]
     assert fast.token_ids == plain.token_ids
     assert stats.accepted > 0 and stats.steps < len(plain.token_ids)
+
+
+@pytest.mark.parametrize("window,ngram", [(1, 2), (4, 3), (7, 4)])
+def test_lookahead_gives_exactly_the_greedy_tokens(sharp_model, window, ngram):
+    from llmctl.core.generate.lookup import LookupStats, generate_lookahead
+
+    engine = load_engine(str(sharp_model), device="cpu")
+    for prompt in ([1, 40, 41, 42], [1] + [40, 41, 42, 43] * 3):
+        params = SamplingParams(max_tokens=30, ignore_eos=True)
+        plain = generate(engine, [Request(prompt, params)])[0]
+        stats = LookupStats()
+        fast = generate_lookahead(engine, Request(prompt, params), window=window, ngram=ngram, stats=stats)[0]
+        assert fast.token_ids == plain.token_ids and fast.text == plain.text
+        assert stats.drafted > 0
+
+
+def test_lookahead_pool_and_jacobi_guesses_come_from_the_verification_pass():
+    from llmctl.core.generate.lookup import Lookahead
+
+    drafter = Lookahead(window=3, ngram=3)
+    assert drafter.propose([7], 5) == []  # nothing known yet
+    drafter.observe(block=[7, 1, 2, 3], greedy=[1, 9, 4, 5], accepted=1)  # 1 accepted, then 9 emitted
+    assert drafter.guesses == [4, 5]  # predictions past the emitted token: the next Jacobi guesses
+    assert drafter.pool[7][0] == (7, 1, 9)
+    assert drafter.propose([7], 5) == [1, 9]  # a pool n-gram starting at the last token wins
+    assert drafter.propose([8], 5) == [4, 5]  # otherwise the Jacobi guesses
+    assert drafter.propose([8], 1) == [4]
