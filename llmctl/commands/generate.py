@@ -51,7 +51,10 @@ def main(
     ] = None,
     chat: Annotated[bool, typer.Option("--chat", help="With --prompt: send it as a user message.")] = False,
     stream: Annotated[
-        bool, typer.Option("--stream", help="With --prompt: print tokens as they come.")
+        bool,
+        typer.Option(
+            "--stream", help='Print text as it comes (with INPUT: {"delta": ...} lines before each record).'
+        ),
     ] = False,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", min=1, help="Most new tokens per completion.")
@@ -142,8 +145,8 @@ def main(
     from llmctl.core.generate.run import complete_records, encode_prompt, load_engine, prompt_of
     from llmctl.core.generate.sampling import SamplingParams
 
-    if (stream or chat) and prompt is None:
-        raise UsageError("--stream and --chat go with --prompt")
+    if chat and prompt is None:
+        raise UsageError("--chat goes with --prompt")
     if prompt is not None and input is not None:
         raise UsageError("give either INPUT or --prompt, not both")
     defaults = SamplingParams(
@@ -190,12 +193,17 @@ def main(
     source = resolve_input(input)
     read_stats = ReadStats()
     records = read_records(source, extract=prompt_of, skip_bad_lines=skip_bad_lines, stats=read_stats)
-    results = complete_records(
-        engine, records, defaults, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
-        read_stats=read_stats, one_at_a_time=decoder, constraint=constraint,
-    )  # fmt: skip
     count = 0
     with open_writer(output, force=force) as writer, ui.progress("generate") as bar:
+
+        def on_delta(record, index: int, text: str) -> None:
+            writer.write({"id": record.data.get("id"), "line": record.line, "index": index, "delta": text})
+
+        results = complete_records(
+            engine, records, defaults, batch_size=batch_size, skip_bad_lines=skip_bad_lines,
+            read_stats=read_stats, one_at_a_time=decoder, constraint=constraint,
+            on_delta=on_delta if stream else None,
+        )  # fmt: skip
         for record in results:
             writer.write(record)
             count += 1

@@ -59,7 +59,7 @@ def test_bad_lines_exit_3_naming_the_line_or_are_skipped_keeping_the_rest(cli, t
 
 
 def test_contradictory_flags_are_usage_errors(cli, tiny_model):
-    assert cli("generate", tiny_model, "--stream").exit_code == 2
+    assert cli("generate", tiny_model, "--chat").exit_code == 2
     assert cli("generate", tiny_model, "--prompt", "x", "--top-p", "0").exit_code == 2
 
 
@@ -144,3 +144,22 @@ def test_json_schema_flag_and_per_line_response_format_constrain_outputs(cli, ti
     )
     result = cli("generate", tiny_model, bad_line, "--max-tokens", "2")
     assert result.exit_code == 3 and "q.jsonl:2: unknown response_format type 'xml'" in result.stderr
+
+
+def test_stream_with_jsonl_input_emits_deltas_that_add_up_to_each_completion(cli, tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Hello"}, {"prompt": "x", "n": 2,
+                                               "temperature": 1.0}])  # fmt: skip
+    result = cli("generate", tiny_model, path, "--stream", "--max-tokens", "8", "--ignore-eos")
+    assert result.exit_code == 0, result.stderr
+    lines = read_jsonl(result.stdout)
+    finals = [x for x in lines if "delta" not in x]
+    assert [f.get("id") for f in finals] == ["a", None]
+    deltas = [x for x in lines if "delta" in x]
+    joined = "".join(d["delta"] for d in deltas if d["id"] == "a")
+    assert joined == finals[0]["completion"]
+    for i, choice in enumerate(finals[1]["choices"]):
+        assert (
+            "".join(d["delta"] for d in deltas if d["line"] == 2 and d["index"] == i) == choice["completion"]
+        )
+    plain = cli("generate", tiny_model, path, "--max-tokens", "8", "--ignore-eos")
+    assert read_jsonl(plain.stdout) == finals

@@ -168,8 +168,8 @@ def _run(engine: Engine, rows: list[Request], on_token) -> Iterator[Completion]:
             :, -1
         ]
         next_pos = next_pos + 1
-    for c in out:
-        finish_text(engine, c)
+    for i, c in enumerate(out):
+        finish_text(engine, c, on_token, i)
     yield from out
 
 
@@ -213,10 +213,13 @@ def _advance(
         on_token(row, safe[len(before) :])
 
 
-def finish_text(engine: Engine, c: Completion) -> None:
-    """Final text of a completion that ended by length (flush anything held back)."""
+def finish_text(engine: Engine, c: Completion, on_token=None, row: int = 0) -> None:
+    """Final text of a completion that ended by length (flush anything held back, streaming it too)."""
+    before = c.text
     if c.finish_reason != "stop" or not c.text:
         c.text = engine.decode(c.token_ids)
+    if on_token and len(c.text) > len(before) and c.text.startswith(before):
+        on_token(row, c.text[len(before) :])
 
 
 def as_dict(c: Completion, tokenizer: Any = None, *, logprobs: bool = False) -> dict[str, Any]:

@@ -173,10 +173,10 @@ def _one(engine: Engine, r: Request, drafter, num_draft: int, stats: LookupStats
         for token in draft[:accepted]:
             _advance(engine, out, r, token, counts, on_token, 0)
             if out.finish_reason == "stop" or len(out.token_ids) >= r.params.max_tokens:
-                finish_text(engine, out)
+                finish_text(engine, out, on_token)
                 return out
         next_token = greedy[accepted]
-    finish_text(engine, out)
+    finish_text(engine, out, on_token)
     return out
 
 

@@ -100,21 +100,29 @@ def complete_records(
     batch_size: int = 8,
     skip_bad_lines: bool = False,
     read_stats: ReadStats | None = None,
-    one_at_a_time: Callable[[Request], list[Completion]] | None = None,
+    one_at_a_time: Callable[..., list[Completion]] | None = None,
     constraint: Constraint | None = None,
+    on_delta: Callable[[Record, int, str], None] | None = None,
 ) -> Iterator[dict]:
     """Yield each record with its completion(s) added, in input order.
 
-    ``one_at_a_time(request)`` replaces the batched engine with a per-request decoder (beam search,
-    prompt lookup, speculative decoding), returning the request's ``n`` completions.
+    ``one_at_a_time(request, on_token)`` replaces the batched engine with a per-request decoder (beam
+    search, prompt lookup, lookahead, speculative decoding), returning the request's ``n`` completions.
+    ``on_delta(record, sample_index, text)`` is called with each piece of text as it is produced.
     """
     batch: list[tuple[Record, Request]] = []
 
     def flush() -> Iterator[dict]:
         if one_at_a_time is not None:
-            completions = iter([c for _, req in batch for c in one_at_a_time(req)])
+            done: list[Completion] = []
+            for record, req in batch:
+                stream = (lambda row, text, record=record: on_delta(record, row, text)) if on_delta else None
+                done += one_at_a_time(req, stream)
+            completions = iter(done)
         else:
-            completions = iter(generate(engine, [req for _, req in batch]))
+            owners = [(record, i) for record, req in batch for i in range(req.params.n)]
+            stream = (lambda row, text: on_delta(*owners[row], text)) if on_delta else None
+            completions = iter(generate(engine, [req for _, req in batch], on_token=stream))
         for record, req in batch:
             samples = [next(completions) for _ in range(req.params.n)]
             yield output_record(engine, record, req, samples)

@@ -169,10 +169,10 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
         for t in accepted:
             _advance(engine, out, r, t, counts, on_token, 0)
             if out.finish_reason == "stop" or len(out.token_ids) >= params.max_tokens:
-                finish_text(engine, out)
+                finish_text(engine, out, on_token)
                 return out
         token = replacement
-    finish_text(engine, out)
+    finish_text(engine, out, on_token)
     return out
 
 
