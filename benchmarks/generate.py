@@ -1,7 +1,10 @@
 """Decode speed: llmctl's engine vs transformers `generate` (and llama.cpp when installed), same model.
 
 Greedy, fp32, CPU, the same prompt and the same number of new tokens (EOS ignored) for every tool.
-Reports batch-1 tokens/s, batch-16 total tokens/s (batch 4 with --quick), and the ratios.
+Reports batch-1 tokens/s, batch-16 total tokens/s (batch 4 with --quick), and the ratios; then llmctl's
+exact-greedy accelerators at batch 1 against its own plain greedy: speculative decoding with a draft made
+by keeping the model's first --draft-layers decoder layers (a layer-dropped copy of the same model, so the
+same tokenizer), prompt lookup and lookahead, each with its acceptance rate.
 Model load time is not counted.
 
     python benchmarks/generate.py            # SmolLM2-135M-Instruct (make smollm2), 128 new tokens
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--draft-layers", type=int, default=0, help="layers kept in the draft (0: a quarter)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,10 +93,60 @@ def main() -> None:
     if llama is not None:
         print(f"llama.cpp (llama-cpp-python, same weights as GGUF f32), batch 1: {llama:.1f} tok/s")
     b1 = rows[0][1]
+    _accelerators(engine, model_dir, ids, params, new, repeats, b1, args.draft_layers, Path(tmp.name))
     scaling = rows[1][1] / b1
     print(
         f"batch-{big} throughput / batch-1: {scaling:.2f}x; batch-1 vs transformers: {b1 / rows[0][2]:.2f}x"
     )
+
+
+def _accelerators(engine, model_dir, ids, params, new, repeats, plain_tps, draft_layers, tmp) -> None:
+    from llmctl.core.generate.engine import Request
+    from llmctl.core.generate.lookup import LookupStats, generate_lookahead, generate_lookup
+    from llmctl.core.generate.run import load_engine
+    from llmctl.core.generate.speculative import generate_speculative
+
+    keep = draft_layers or max(1, engine.model.args.n_layers // 4)
+    draft = load_engine(str(_layer_dropped(model_dir, keep, tmp)), device="cpu", dtype="float32")
+    ways = {
+        f"speculative, draft = first {keep} layers, k=4": lambda s: generate_speculative(
+            engine, draft, Request(ids, params), num_draft=4, stats=s
+        ),
+        "prompt lookup, k=8": lambda s: generate_lookup(engine, Request(ids, params), num_draft=8, stats=s),
+        "lookahead, window 5": lambda s: generate_lookahead(engine, Request(ids, params), window=5, stats=s),
+    }
+    print(f"{'batch-1 exact greedy':<44}{'tok/s':>8}{'vs plain':>10}{'accepted':>10}")
+    for name, run in ways.items():
+        stats = LookupStats()
+        seconds = median_time(lambda run=run, stats=stats: run(stats), repeats)
+        print(f"{name:<44}{new / seconds:>8.1f}{new / seconds / plain_tps:>9.2f}x{stats.acceptance:>10.0%}")
+
+
+def _layer_dropped(model_dir: Path, keep: int, tmp: Path) -> Path:
+    """A copy of the model with only its first ``keep`` decoder layers (same embeddings, norm, head)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp / f"draft-{keep}"
+    out.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, out / f.name)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_hidden_layers"] = keep
+    (out / "config.json").write_text(json.dumps(config))
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    kept = {
+        k: v.contiguous()
+        for k, v in state.items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < keep
+    }
+    save_file(kept, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def _llama_cpp(model_dir: Path, ids: list[int], new: int, repeats: int, tmp: Path) -> float | None:
