@@ -15,6 +15,7 @@ step; padding slots are masked out, and each row's RoPE positions count its real
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,8 +90,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernel = None  # llmctl.kernels' Triton RMSNorm, when DecoderLM.use_kernels() set it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -110,17 +114,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.hidden_size, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+        self.rope_kernel = None  # llmctl.kernels' Triton RoPE, when DecoderLM.use_kernels() set it
 
     def forward(self, x, cos, sin, cache_k, cache_v, slots, mask):
         # x: [B, T, hidden]; cos/sin: [B, T, head_dim]; cache_*: [B, kv_heads, max_len, head_dim]
         # slots: [T] cache positions written by this call; mask: [B, 1, T, kv_len] bool (True = attend)
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if self.rope_kernel is not None:  # rotates [B, T, heads, D] with per-token cos/sin [B, T, D]
+            q, k = self.rope_kernel(q, k, cos, sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         cache_k[:, :, slots] = k
         cache_v[:, :, slots] = v
         kv_len = mask.shape[-1]
@@ -142,8 +152,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.kernel = None  # llmctl.kernels' Triton SwiGLU, when DecoderLM.use_kernels() set it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.down_proj(self.kernel(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -179,6 +192,24 @@ class DecoderLM(nn.Module):
         inv_freq, scaling = _rope_parameters(hf_config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = scaling
+
+    def use_kernels(self) -> int:
+        """Route RMSNorm, RoPE and SwiGLU through llmctl's Triton kernels (on CUDA; on a CPU only under
+        ``TRITON_INTERPRET=1``, for tests). Attention stays on SDPA (it takes the padding mask).
+        Returns how many modules now use a kernel."""
+        from llmctl.kernels.rmsnorm import rms_norm_triton
+        from llmctl.kernels.rope import rope_triton
+        from llmctl.kernels.swiglu import swiglu_triton
+
+        count = 0
+        for module in self.modules():
+            if isinstance(module, RMSNorm | MLP):
+                module.kernel = rms_norm_triton if isinstance(module, RMSNorm) else swiglu_triton
+                count += 1
+            elif isinstance(module, Attention):
+                module.rope_kernel = rope_triton
+                count += 1
+        return count
 
     def tie(self) -> None:
         if self.args.tie_embeddings:
@@ -254,6 +285,12 @@ def load_decoder(ref, *, device: str = "auto", dtype: str = "auto") -> tuple[Dec
     model.to(device=dev, dtype=torch_dtype)
     model.inv_freq = inv_freq.to(dev)
     model.eval()
+    on_cuda = torch.device(dev).type == "cuda"
+    if on_cuda or os.environ.get("LLMCTL_KERNELS", "").strip().lower() == "triton":
+        from llmctl.kernels.dispatch import kernel_backend  # imports Triton: only where it may be used
+
+        if kernel_backend(on_cuda=on_cuda) == "triton":
+            model.use_kernels()
     return model, config
 
 

@@ -234,3 +234,18 @@ def test_lookahead_pool_and_jacobi_guesses_come_from_the_verification_pass():
     assert drafter.propose([7], 5) == [1, 9]  # a pool n-gram starting at the last token wins
     assert drafter.propose([8], 5) == [4, 5]  # otherwise the Jacobi guesses
     assert drafter.propose([8], 1) == [4]
+
+
+def test_engine_on_llmctl_kernels_gives_the_same_greedy_tokens(sharp_model, monkeypatch):
+    """RMSNorm, RoPE and SwiGLU through the Triton kernels (the interpreter here, CUDA on a GPU)."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompts = [[1, 40, 41, 42], [1, 7]]
+    plain = generate(load_engine(str(sharp_model), device="cpu"), [Request(p, params) for p in prompts])
+    monkeypatch.setenv("LLMCTL_KERNELS", "triton")
+    engine = load_engine(str(sharp_model), device="cpu")
+    kernels = [
+        m for m in engine.model.modules() if getattr(m, "kernel", None) or getattr(m, "rope_kernel", None)
+    ]
+    assert len(kernels) == 4 * engine.model.args.n_layers + 1  # 2 norms, attention, MLP per layer; final norm
+    fast = generate(engine, [Request(p, params) for p in prompts])
+    assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
