@@ -168,8 +168,6 @@ def main(
     debug: DebugOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    if engine == Engine.ray:
-        raise UsageError("--engine ray is not implemented yet; use --engine local (the default)")
     if as_json and (output is None or str(output) == "-"):
         raise UsageError("--json prints the summary on stdout, so the records need -o FILE")
     if output is not None and str(output) != "-":
@@ -194,11 +192,21 @@ def main(
         if index is not None and verify_jaccard:
             raise UsageError("--verify-jaccard cannot be combined with --index (the index keeps no shingles)")
         stats = DedupStats()
-        store = DedupIndex.open(index, params.as_dict(), params.bands or 1) if index is not None else None
-        clustering = run_dedup(
-            source.first_pass(), params, keep=keep.value, verify_jaccard=verify_jaccard, workers=workers,
-            index=store, stats=stats,
-        )  # fmt: skip
+        if engine == Engine.ray:
+            if verify_jaccard or index is not None:
+                raise UsageError("--engine ray does not support --verify-jaccard or --index yet (use local)")
+            from llmctl.core.dedup.ray_engine import run_dedup_ray
+
+            store = None
+            clustering = run_dedup_ray(
+                source.first_pass(), params, keep=keep.value, workers=max(workers, 1), stats=stats
+            )
+        else:
+            store = DedupIndex.open(index, params.as_dict(), params.bands or 1) if index is not None else None
+            clustering = run_dedup(
+                source.first_pass(), params, keep=keep.value, verify_jaccard=verify_jaccard, workers=workers,
+                index=store, stats=stats,
+            )  # fmt: skip
         with open_writer(output, force=force) as writer:
             for record in apply_clustering(source.second_pass(), clustering, mark=mark):
                 writer.write(record)

@@ -129,8 +129,37 @@ def test_decontamination_removes_training_records_sharing_a_13_gram(cli, tmp_pat
     assert f"{evals}:1: 1 training document(s)" in result.stderr
 
 
-def test_ray_engine_is_a_clear_usage_error(cli, data):
-    result = cli("dedup", data, "--engine", "ray")
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray cluster for the module (starting one takes seconds); dedup reuses it."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+             object_store_memory=200 * 1024**2)  # fmt: skip
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("method", ["minhash", "exact"])
+def test_ray_engine_gives_the_local_engines_records_marks_and_clusters(cli, data, tmp_path, local_ray,
+                                                                      monkeypatch, method):  # fmt: skip
+    from llmctl.core.dedup import ray_engine
+
+    monkeypatch.setattr(ray_engine, "CHUNK_DOCS", 7)  # several Ray tasks for 51 documents
+    outs = {}
+    for engine in ("local", "ray"):
+        clusters = tmp_path / f"clusters-{engine}.jsonl"
+        result = cli("dedup", data, "--method", method, "--mark", "--clusters", clusters, "--engine", engine)
+        assert result.exit_code == 0, result.stderr
+        outs[engine] = (read_jsonl(result.stdout), read_jsonl(clusters.read_text()))
+    assert outs["ray"] == outs["local"]
+    assert sum(r["is_duplicate"] for r in outs["ray"][0]) == (11 if method == "minhash" else 1)
+    assert local_ray.is_initialized()  # an existing Ray session is used, not shut down
+
+
+def test_ray_engine_refuses_what_it_does_not_support(cli, data, tmp_path):
+    result = cli("dedup", data, "--engine", "ray", "--verify-jaccard")
     assert result.exit_code == 2 and "--engine ray" in result.stderr
 
 
@@ -140,3 +169,13 @@ def test_options_that_do_not_go_together_are_usage_errors(cli, data, tmp_path):
     assert cli("dedup", data, "--bands", "4").exit_code == 2  # --rows missing
     assert cli("dedup", data, "--bands", "20", "--rows", "10").exit_code == 2  # more than --num-perm
     assert cli("dedup", data, "--against", data, "--clusters", tmp_path / "c.jsonl").exit_code == 2
+
+
+def test_ray_engine_starts_and_stops_its_own_local_cluster_quietly(data):
+    pytest.importorskip("ray")
+    local = run_llmctl("dedup", data)
+    done = run_llmctl("dedup", data, "--engine", "ray", "--workers", "2", env={"RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == local.stdout
+    lines = [x for x in done.stderr.decode().splitlines() if x.strip()]
+    assert len(lines) == 1 and "51 documents, 11 duplicates removed" in lines[0], lines

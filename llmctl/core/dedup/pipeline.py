@@ -161,6 +161,14 @@ def cluster(
                             break
         stats.candidate_pairs = len(verified)
         stats.rejected_pairs = sum(1 for ok in verified.values() if not ok)
+    return choose_kept(uf, lengths, n_old=n_old, keep=keep)
+
+
+def choose_kept(
+    uf: UnionFind, lengths: np.ndarray, *, n_old: int, keep: str
+) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+    """From the unions: roots ``[old+new]``, kept ``[new]`` (one per cluster, by ``keep``), cluster sizes."""
+    n = len(uf.parent)
     roots = uf.roots()
     unique, counts = np.unique(roots, return_counts=True)
     sizes = {int(r): int(c) for r, c in zip(unique, counts, strict=True) if c > 1}
