@@ -133,3 +133,33 @@ def test_model_stock_interpolates_by_the_angle_between_task_vectors():
 def test_methods_refuse_the_wrong_number_of_models(name, count, base, message):
     with pytest.raises(UsageError, match=message):
         get_method(name).check_models(count, base)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_threshold_sparsifiers_keep_the_same_entries_as_a_full_sort(ties):
+    """TIES's magnitude trim and Breadcrumbs' band keep use k-th value searches (memory); the kept set
+    must equal the argsort definition, also with tied magnitudes at the cut (zeros, repeated values)."""
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(64, 33, generator=g)
+    if ties:
+        delta[:10] = 0.0
+        delta[10:20] = 0.5
+    n = delta.numel()
+    order = torch.argsort(delta.abs().reshape(-1), descending=True)
+    for density in (0.1, 0.3, 0.7):
+        k = max(1, int(density * n))
+        got = magnitude(delta, density) != 0
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[:k]] = True
+        assert int(got.sum()) == k
+        if not ties:
+            assert torch.equal(got.reshape(-1), want)
+        kept = magnitude_outliers(delta, density, gamma=0.05) != 0
+        keep, n_top = int(density * n), int(0.05 * n)
+        assert int(kept.sum()) <= keep  # zeros among the kept entries stay zero
+        if not ties:
+            ascending = torch.argsort(delta.abs().reshape(-1))
+            n_bottom = max(0, n - keep - n_top)
+            want = torch.zeros(n, dtype=torch.bool)
+            want[ascending[n_bottom : n_bottom + keep]] = True
+            assert torch.equal(kept.reshape(-1), want)

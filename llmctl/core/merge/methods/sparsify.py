@@ -34,9 +34,19 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
     if delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(_magnitudes(delta), descending=True)[:k]] = 1
-    masked = delta * mask.reshape_as(delta)
+    w = _magnitudes(delta)
+    # The k largest by a threshold: one k-th value search and a boolean mask instead of a full argsort
+    # (int64 indices: twice the tensor, plus the sort's own copy) - the same set whenever the k-th
+    # magnitude is not tied. Ties at the threshold are resolved by argsort's order, as mergekit does.
+    threshold = torch.kthvalue(w, w.numel() - k + 1).values
+    keep = w > threshold
+    if int(keep.sum()) + int((w == threshold).sum()) == k:
+        keep |= w == threshold
+    else:
+        keep = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+        keep[torch.argsort(w, descending=True)[:k]] = True
+    del w
+    masked = delta * keep.reshape_as(delta)
     return rescale_l1(delta, masked) if rescale else masked
 
 
@@ -47,9 +57,18 @@ def magnitude_outliers(delta: torch.Tensor, density: float, rescale: bool = Fals
     keep = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - keep - n_top)  # fewer outliers dropped when needed to keep `keep` entries
-    order = torch.sort(_magnitudes(delta), descending=False).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[n_bottom : n_bottom + keep]] = 1
+    w = _magnitudes(delta)
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    if keep > 0:
+        # Ranks [n_bottom, n_bottom + keep) in ascending order, by two k-th value searches when the
+        # boundary values are not tied across the cut (else argsort's order decides, as in mergekit).
+        low = torch.kthvalue(w, n_bottom + 1).values
+        high = torch.kthvalue(w, n_bottom + keep).values
+        if int((w < low).sum()) == n_bottom and int((w <= high).sum()) == n_bottom + keep:
+            mask = (w >= low) & (w <= high)
+        else:
+            mask[torch.sort(w, descending=False).indices[n_bottom : n_bottom + keep]] = True
+    del w
     masked = delta * mask.reshape_as(delta)
     return rescale_l1(delta, masked) if rescale else masked
 
