@@ -323,3 +323,15 @@ def test_logits_at_trained_positions_only_equal_the_full_logits_reference(
     assert g_fast.keys() == g_ref.keys()
     for name in g_ref:
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_kernels_flag_with_the_real_kernels_trains_the_same_loss_curve(
+    tiny_model, data, tmp_path, monkeypatch
+):
+    """--kernels through llmctl's Triton RMSNorm/RoPE/SwiGLU (the CPU interpreter here, CUDA on a GPU)."""
+    plain = build(cfg_for(tiny_model, data, tmp_path / "a", max_steps=2)).trainer.fit()
+    monkeypatch.setenv("LLMCTL_KERNELS", "triton")
+    run = build(cfg_for(tiny_model, data, tmp_path / "b", max_steps=2, kernels=True))
+    assert run.kernels["patched"]["rms_norm"] > 0 and run.kernels["patched"]["swiglu"] > 0
+    patched = run.trainer.fit()
+    assert [r["loss"] for r in patched.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-4)
