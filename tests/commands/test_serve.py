@@ -363,3 +363,32 @@ def test_cli_serves_on_a_free_port_and_exits_0_on_sigterm(tiny_model):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_response_format_json_schema_gives_valid_json_and_a_bad_schema_is_400(client):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "n": {"type": "boolean"}},
+              "required": ["city", "n"], "additionalProperties": False}  # fmt: skip
+    for response_format in (
+        {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        {"type": "json_object"},
+    ):
+        reply = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Where?"}], max_tokens=60, temperature=1.0,
+            seed=3, n=2, response_format=response_format,
+        )  # fmt: skip
+        for choice in reply.choices:
+            if response_format["type"] == "json_schema":  # bounded: always completes
+                assert choice.finish_reason == "stop"
+                jsonschema.validate(json.loads(choice.message.content), schema)
+            elif choice.finish_reason == "stop":  # any JSON may run past max_tokens, as in OpenAI's API
+                json.loads(choice.message.content)
+    with pytest.raises(openai.BadRequestError) as caught:
+        bad = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "nonsense"}}}
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "x"}], response_format=bad
+        )
+    assert "invalid json schema" in str(caught.value)

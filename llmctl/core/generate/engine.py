@@ -39,6 +39,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     score: float | None = None  # beam search: the hypothesis' length-normalised log-probability
+    cut_at_stop: bool = False  # the text was cut before a stop string: it is final
 
     @property
     def usage(self) -> dict[str, int]:
@@ -144,7 +145,7 @@ def _run(engine: Engine, rows: list[Request], on_token) -> Iterator[Completion]:
                 continue
             row = logits[i].clone()
             if r.params.logprobs or r.params.top_logprobs:
-                _record_logprobs(out[i], row, r.params)
+                record_logprobs(out[i], row, r.params)
             row = process_logits(row, r.params, r.prompt_ids + out[i].token_ids, counts[i])
             if matchers[i] is not None:
                 matchers[i].mask(row)
@@ -154,7 +155,7 @@ def _run(engine: Engine, rows: list[Request], on_token) -> Iterator[Completion]:
             if r.params.logprobs or r.params.top_logprobs:
                 out[i].logprobs.append(float(logits[i].log_softmax(-1)[token]))
             chosen.append(token)
-            _advance(engine, out[i], r, token, counts[i], on_token, i)
+            advance(engine, out[i], r, token, counts[i], on_token, i)
             if matchers[i] is not None and matchers[i].finished:
                 out[i].finish_reason = "stop"  # the grammar is complete (it allowed only EOS)
             done[i] = out[i].finish_reason == "stop" or len(out[i].token_ids) >= r.params.max_tokens
@@ -179,14 +180,14 @@ def _generator(seed: int, device) -> torch.Generator:
     return g
 
 
-def _record_logprobs(completion: Completion, raw: torch.Tensor, params: SamplingParams) -> None:
+def record_logprobs(completion: Completion, raw: torch.Tensor, params: SamplingParams) -> None:
     if params.top_logprobs:
         logp = raw.log_softmax(-1)
         values, ids = torch.topk(logp, params.top_logprobs)
         completion.top_logprobs.append({int(t): float(v) for t, v in zip(ids, values, strict=True)})
 
 
-def _advance(
+def advance(
     engine: Engine, c: Completion, r: Request, token: int, counts: Counter, on_token, row: int
 ) -> None:
     """Append ``token`` to completion ``c`` and decide whether it ends it."""
@@ -203,6 +204,7 @@ def _advance(
         if hits:
             c.text = text[: min(hits)]
             c.finish_reason = "stop"
+            c.cut_at_stop = True
             if on_token and len(c.text) > len(before):
                 on_token(row, c.text[len(before) :])
             return
@@ -216,7 +218,7 @@ def _advance(
 def finish_text(engine: Engine, c: Completion, on_token=None, row: int = 0) -> None:
     """Final text of a completion that ended by length (flush anything held back, streaming it too)."""
     before = c.text
-    if c.finish_reason != "stop" or not c.text:
+    if not c.cut_at_stop:  # EOS, a stop token or the length: flush text held back
         c.text = engine.decode(c.token_ids)
     if on_token and len(c.text) > len(before) and c.text.startswith(before):
         on_token(row, c.text[len(before) :])

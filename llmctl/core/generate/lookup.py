@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.core.errors import UsageError
-from llmctl.core.generate.engine import Completion, Engine, Request, _advance, check_rows, expand, finish_text
+from llmctl.core.generate.engine import Completion, Engine, Request, advance, check_rows, expand, finish_text
 from llmctl.core.generate.model import KVCache
 
 
@@ -153,7 +153,7 @@ def _one(engine: Engine, r: Request, drafter, num_draft: int, stats: LookupStats
     next_token = int(logits[-1].argmax())
     filled = n  # cache slots holding real tokens
     while True:
-        _advance(engine, out, r, next_token, counts, on_token, 0)
+        advance(engine, out, r, next_token, counts, on_token, 0)
         if out.finish_reason == "stop" or len(out.token_ids) >= r.params.max_tokens:
             break
         sequence = prompt + out.token_ids
@@ -171,7 +171,7 @@ def _one(engine: Engine, r: Request, drafter, num_draft: int, stats: LookupStats
         drafter.observe(block, greedy, accepted)
         filled += 1 + accepted  # the slots of rejected drafts are simply overwritten later
         for token in draft[:accepted]:
-            _advance(engine, out, r, token, counts, on_token, 0)
+            advance(engine, out, r, token, counts, on_token, 0)
             if out.finish_reason == "stop" or len(out.token_ids) >= r.params.max_tokens:
                 finish_text(engine, out, on_token)
                 return out

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.core.errors import UsageError
-from llmctl.core.generate.engine import Completion, Engine, Request, _advance, check_rows, expand, finish_text
+from llmctl.core.generate.engine import Completion, Engine, Request, advance, check_rows, expand, finish_text
 from llmctl.core.generate.lookup import LookupStats, _forward
 from llmctl.core.generate.model import KVCache
 from llmctl.core.generate.sampling import SamplingParams, process_logits, warp
@@ -118,7 +118,7 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
     p = distribution(logits, params, prompt, counts)
     token = int(torch.multinomial(p, 1, generator=gen_target)) if not params.greedy else int(p.argmax())
     while True:
-        _advance(engine, out, r, token, counts, on_token, 0)
+        advance(engine, out, r, token, counts, on_token, 0)
         if out.finish_reason == "stop" or len(out.token_ids) >= params.max_tokens:
             break
         pending.append(token)
@@ -167,7 +167,7 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
             small.filled = base + n_pending + min(len(accepted), len(drafts) - 1)
             pending = accepted[len(drafts) - 1 :]  # the last draft, when every draft was accepted
         for t in accepted:
-            _advance(engine, out, r, t, counts, on_token, 0)
+            advance(engine, out, r, t, counts, on_token, 0)
             if out.finish_reason == "stop" or len(out.token_ids) >= params.max_tokens:
                 finish_text(engine, out, on_token)
                 return out

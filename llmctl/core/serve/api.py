@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmctl.core.errors import InputDataError
+from llmctl.core.generate.constrained import Constraint, compiler_for
 from llmctl.core.generate.engine import Completion, Engine
 from llmctl.core.generate.sampling import SamplingParams
 from llmctl.core.serve.engine import AsyncEngine, EngineStoppedError, QueueFullError, RequestError
@@ -234,9 +236,20 @@ def build_app(state: ServerState):
         except RequestError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
 
-    def submit(prompt_ids: list[int], params: SamplingParams, prefix: str):
+    def response_constraint(response_format) -> Constraint | None:
+        """OpenAI's response_format as a grammar constraint, compiled now so a bad schema is a 400."""
         try:
-            return state.async_engine.submit(prompt_ids, params, prefix)
+            constraint = Constraint.from_response_format(response_format)
+            if constraint is not None:
+                compiler_for(state.async_engine.core.engine).compile(constraint)
+        except (ValueError, InputDataError) as e:
+            message = e.message if isinstance(e, InputDataError) else str(e)
+            raise APIError(400, message, param="response_format") from None
+        return constraint
+
+    def submit(prompt_ids: list[int], params: SamplingParams, prefix: str, constraint=None):
+        try:
+            return state.async_engine.submit(prompt_ids, params, prefix, constraint)
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except EngineStoppedError as e:
@@ -459,10 +472,7 @@ def build_app(state: ServerState):
                 400, str(e) if isinstance(e, ValueError) else "malformed tools", param="tools"
             ) from None
         names = {t["function"]["name"] for t in offered}
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise APIError(
-                400, "response_format json_object/json_schema is not supported yet", param="response_format"
-            )
+        constraint = response_constraint(body.response_format)
         prompt_ids = _chat_ids(body, offered)
         check_room(prompt_ids, body.max_tokens)
         requested = body.max_completion_tokens or body.max_tokens
@@ -483,7 +493,7 @@ def build_app(state: ServerState):
             return {"role": "assistant", "content": c.text}, c.finish_reason
 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = submit(prompt_ids, params, rid)
+        stream = submit(prompt_ids, params, rid, constraint)
         created = int(time.time())
         base = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}
         if body.stream:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from llmctl.core.errors import LlmctlError
-from llmctl.core.generate.engine import Engine, _advance, _record_logprobs, finish_text
+from llmctl.core.generate.constrained import compiler_for
+from llmctl.core.generate.engine import Engine, advance, finish_text, record_logprobs
 from llmctl.core.generate.sampling import SamplingParams, process_logits, sample
 from llmctl.core.serve.blocks import BlockAllocator
 from llmctl.core.serve.runner import PagedKVCache, StepInput, forward_step
@@ -95,7 +96,9 @@ class ServeEngine:
                 f"(context {self.engine.context_length}, KV cache {self.capacity_tokens} tokens)"
             )
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, user=None):
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, user=None, constraint=None
+    ):
         """Queue ``params.n`` sequences (seeds seed, seed+1, ..., as generate does); returns them."""
         self.check_prompt(prompt_ids)
         if request_id in self.requests:
@@ -109,6 +112,8 @@ class ServeEngine:
                 g = torch.Generator(device=self.engine.device)
                 g.manual_seed(p.seed)
             seq = Sequence(request_id, i, list(prompt_ids), p, self.config.block_size, generator=g, user=user)
+            if constraint is not None:
+                seq.matcher = compiler_for(self.engine).matcher(constraint)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
@@ -148,9 +153,13 @@ class ServeEngine:
     def _sample(self, seq: Sequence, raw: torch.Tensor) -> None:
         c, p = seq.completion, seq.params
         if p.logprobs or p.top_logprobs:
-            _record_logprobs(c, raw, p)
+            record_logprobs(c, raw, p)
         processed = process_logits(raw.clone(), p, seq.prompt_ids + c.token_ids, seq.counts)
+        if seq.matcher is not None:
+            seq.matcher.mask(processed)
         token = sample(processed, p, seq.generator)
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
         if p.logprobs or p.top_logprobs:
             c.logprobs.append(float(raw.log_softmax(-1)[token]))
         now = time.monotonic()
@@ -166,13 +175,11 @@ class ServeEngine:
             if self.on_token is not None:
                 self.on_token(seq, text)
 
-        _advance(self.engine, c, seq, token, seq.counts, emit, seq.index)
+        advance(self.engine, c, seq, token, seq.counts, emit, seq.index)
+        if seq.matcher is not None and seq.matcher.finished:
+            c.finish_reason = "stop"  # the output is complete in its grammar
         if c.finish_reason == "stop" or len(c.token_ids) >= p.max_tokens:
-            before = c.text
-            if c.finish_reason != "stop":  # generate's finish_text would also undo a stop string at 0
-                finish_text(self.engine, c)
-            if len(c.text) > len(before) and c.text.startswith(before):
-                emit(seq.index, c.text[len(before) :])  # text held back until the end
+            finish_text(self.engine, c, emit, seq.index)  # streams text held back until the end
             self._finish(seq)
         else:
             seq.append(token)
@@ -253,7 +260,9 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.core.scheduler.waiting) + self._pending
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: str = "req") -> RequestStream:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, prefix: str = "req", constraint=None
+    ) -> RequestStream:
         if not self.alive:
             raise EngineStoppedError("the server is shutting down")
         self.core.check_prompt(prompt_ids)
@@ -265,7 +274,7 @@ class AsyncEngine:
         stream = RequestStream(f"{prefix}-{next(self._ids)}", params.n, asyncio.get_running_loop())
         with self._lock:
             self._pending += params.n
-            self._inbox.append(("add", stream, prompt_ids, params))
+            self._inbox.append(("add", stream, prompt_ids, params, constraint))
         self._wake.set()
         return stream
 
@@ -310,11 +319,13 @@ class AsyncEngine:
     def _apply(self, op: tuple) -> None:
         kind = op[0]
         if kind == "add":
-            _, stream, prompt_ids, params = op
+            _, stream, prompt_ids, params, constraint = op
             with self._lock:
                 self._pending -= params.n
             try:
-                stream.sequences = self.core.add_request(stream.request_id, prompt_ids, params, user=stream)
+                stream.sequences = self.core.add_request(
+                    stream.request_id, prompt_ids, params, user=stream, constraint=constraint
+                )
             except LlmctlError as e:
                 stream.push(("error", None, str(e)))
         elif kind == "abort":

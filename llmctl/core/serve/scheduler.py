@@ -55,6 +55,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     user: Any = None  # the caller's handle (the server's request state)
+    matcher: Any = None  # constrained decoding: the row's grammar matcher (response_format)
 
     def __post_init__(self) -> None:
         if not self.tokens:

@@ -249,3 +249,13 @@ def test_engine_on_llmctl_kernels_gives_the_same_greedy_tokens(sharp_model, monk
     assert len(kernels) == 4 * engine.model.args.n_layers + 1  # 2 norms, attention, MLP per layer; final norm
     fast = generate(engine, [Request(p, params) for p in prompts])
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
+
+
+def test_a_stop_string_at_the_very_start_gives_an_empty_completion(sharp_model):
+    engine = load_engine(str(sharp_model), device="cpu")
+    ids = [1, 40, 41]
+    free = generate(engine, [Request(ids, SamplingParams(max_tokens=8, ignore_eos=True))])[0]
+    stop = free.text[:2]
+    assert stop
+    cut = generate(engine, [Request(ids, SamplingParams(max_tokens=8, ignore_eos=True, stop=(stop,)))])[0]
+    assert cut.text == "" and cut.finish_reason == "stop"
