@@ -137,18 +137,21 @@ def paged_decode_reference(
                 f"context_lens[{b}] = {n}: each sequence needs 1 <= len <= max_blocks_per_seq * block_size "
                 f"= {capacity}"
             )
-    k_all = _dequantize(k_cache, k_scales)  # [num_blocks, block_size, heads_kv, head_dim]
-    v_all = _dequantize(v_cache, v_scales)
-    outs = []
-    for b, n in enumerate(lens):
-        ids = block_tables[b, : -(-n // block_size)].long()
-        k = k_all[ids].reshape(-1, heads_kv, head_dim)[:n]  # [len, heads_kv, head_dim]
-        v = v_all[ids].reshape(-1, heads_kv, head_dim)[:n]
-        k = k.repeat_interleave(group, dim=1)  # [len, heads_q, head_dim]
-        v = v.repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale  # [heads_q, len]
-        outs.append(torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v))
-    return torch.stack(outs).to(q.dtype)
+    # Gather only the blocks the batch uses (never the whole cache), masked past each sequence's length.
+    used = -(-max(lens) // block_size)
+    ids = block_tables[:, :used].long().clamp(0, k_cache.shape[0] - 1)  # [batch, used]; unused slots masked
+    k = _dequantize(k_cache[ids].flatten(0, 1), k_scales[ids].flatten(0, 1) if k_scales is not None else None)
+    v = _dequantize(v_cache[ids].flatten(0, 1), v_scales[ids].flatten(0, 1) if v_scales is not None else None)
+    k = k.reshape(batch, used * block_size, heads_kv, head_dim)  # [batch, len, heads_kv, head_dim]
+    v = v.reshape(batch, used * block_size, heads_kv, head_dim)
+    valid = (
+        torch.arange(used * block_size, device=q.device)[None, :] < context_lens.to(q.device).long()[:, None]
+    )
+    qg = q.float().reshape(batch, heads_kv, group, head_dim)  # query heads grouped by their kv head
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale  # [batch, heads_kv, group, len]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(batch, heads_q, head_dim).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
