@@ -190,6 +190,14 @@ def choose_kept(
     return roots, kept, sizes
 
 
+def texts_noting(records: Iterable[Record], wheres: DocIds, lengths: array) -> Iterator[str]:
+    """The records' texts, noting each one's ``file:line`` and length on the way (all pass one keeps)."""
+    for record in records:
+        wheres.append(record.source, record.line)
+        lengths.append(len(record.text))
+        yield record.text
+
+
 def run_dedup(
     records: Iterable[Record],
     params: DedupParams,
@@ -212,15 +220,11 @@ def run_dedup(
     stats.indexed_before = n_old
     lengths = array("q")
 
-    def texts() -> Iterator[str]:
-        for record in records:
-            wheres.append(record.source, record.line)
-            lengths.append(len(record.text))
-            yield record.text
-
     key_chunks = [index.keys] if index is not None else []
     sets: list[np.ndarray] | None = [] if verify_jaccard else None
-    for result in compute_keys(texts(), params, workers=workers, want_sets=verify_jaccard):
+    for result in compute_keys(
+        texts_noting(records, wheres, lengths), params, workers=workers, want_sets=verify_jaccard
+    ):
         key_chunks.append(result.keys)
         if sets is not None and result.shingle_sets is not None:
             sets.extend(result.shingle_sets)

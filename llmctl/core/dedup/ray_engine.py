@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from llmctl.core.dedup.pipeline import (
     DocIds,
     _chunks,
     choose_kept,
+    texts_noting,
 )
 from llmctl.core.dedup.unionfind import UnionFind
 from llmctl.core.errors import LlmctlError, UsageError
@@ -105,18 +106,12 @@ def run_dedup_ray(
         wheres = DocIds([])
         lengths = array("q")
 
-        def texts() -> Iterator[str]:
-            for record in records:
-                wheres.append(record.source, record.line)
-                lengths.append(len(record.text))
-                yield record.text
-
         task = ray.remote(_keys_table)
         pending: list = []
         limit = 2 * max(1, int(ray.cluster_resources().get("CPU", workers)))
         tables = []
         start = 0
-        for chunk in _chunks(texts(), CHUNK_DOCS, CHUNK_CHARS):
+        for chunk in _chunks(texts_noting(records, wheres, lengths), CHUNK_DOCS, CHUNK_CHARS):
             ref = task.remote(chunk, start, params)
             tables.append(ref)
             pending.append(ref)

@@ -11,6 +11,7 @@ from llmctl.core.generate.beam import BeamParams, generate_beam
 from llmctl.core.generate.engine import Request
 from llmctl.core.generate.run import load_engine
 from llmctl.core.generate.sampling import SamplingParams
+from tests.core.generate._models import sharp_llama
 
 PROMPTS = ["Hello", "The quick brown fox", "a b c d e f"]
 
@@ -18,17 +19,8 @@ PROMPTS = ["Hello", "The quick brown fox", "a b c d e f"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random llama with sharpened weights (clear winners, distinct beams) and an EOS it emits."""
-    from llmctl.core.models.init import init_model
-
-    directory = tmp_path_factory.mktemp("beam") / "m"
-    directory.mkdir()
-    init_model("llama-tiny", directory, seed=3)
+    directory = sharp_llama(tmp_path_factory.mktemp("beam") / "m", seed=3)
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    hf.save_pretrained(directory)
     engine = load_engine(str(directory), device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(directory)
     # The EOS: a token the beams produce early, so hypotheses end at different lengths and steps.

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmctl.core.generate.engine import Request, generate
 from llmctl.core.generate.run import load_engine
 from llmctl.core.generate.sampling import SamplingParams, process_logits, sample, warp
+from tests.core.generate._models import sharp_llama
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog", "a b", "Once upon a time, there"]
 
@@ -16,18 +17,7 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog", "a b", "Once 
 @pytest.fixture(scope="module")
 def sharp_model(tmp_path_factory):
     """A tiny random llama with larger weights, so its next-token distribution has clear winners."""
-    from llmctl.core.models.init import init_model
-
-    directory = tmp_path_factory.mktemp("gen") / "m"
-    directory.mkdir()
-    init_model("llama-tiny", directory, seed=3)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    model.save_pretrained(directory)
-    return directory
+    return sharp_llama(tmp_path_factory.mktemp("gen") / "m", seed=3)
 
 
 def _hf_greedy(model, tokenizer, prompts, max_new):

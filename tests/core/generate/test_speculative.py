@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from llmctl.core.errors import UsageError
 from llmctl.core.generate.engine import Request, generate
@@ -14,23 +13,15 @@ from llmctl.core.generate.speculative import (
     check_draft,
     generate_speculative,
 )
+from tests.core.generate._models import sharp_llama
 
 PROMPTS = ["Hello", "a b a b a b", "x"]
 
 
 def _sharp(tmp_path_factory, seed):
-    from llmctl.core.models.init import init_model
-
-    directory = tmp_path_factory.mktemp(f"spec{seed}") / "m"
-    directory.mkdir()
-    init_model("llama-tiny", directory, seed=seed)
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
-    hf.save_pretrained(directory)
-    return load_engine(str(directory), device="cpu")
+    return load_engine(
+        str(sharp_llama(tmp_path_factory.mktemp(f"spec{seed}") / "m", seed=seed)), device="cpu"
+    )
 
 
 @pytest.fixture(scope="module")
