@@ -50,6 +50,7 @@ COMMANDS = {
     "init": "llmctl.commands.init",
     "inspect": "llmctl.commands.inspect",
     "tokenize": "llmctl.commands.tokenize",
+    "quantize": "llmctl.commands.quantize",
     "serve": "llmctl.commands.serve",
     "finetune": "llmctl.commands.finetune",
     "tokenize-train": "llmctl.commands.tokenize_train",

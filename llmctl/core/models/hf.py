@@ -108,6 +108,12 @@ def load_model(ref: ModelRef, *, device: str = "auto", dtype: str = "auto"):
         model_dtype = _config_dtype(ref.path)
     torch_dtype = resolve_dtype(dtype, dev, model_dtype)
     path, extra = ref.load_args
+    if ref.kind == "hf" and _quant_method(ref.path) in ("gptq", "awq", "compressed-tensors"):
+        from llmctl.core.quantize.runtime import load_quantized  # GPTQ/AWQ/compressed-tensors, on llmctl's
+
+        model = load_quantized(ref.path, dtype=torch_dtype)  # W4A16 kernel (no gptqmodel/autoawq needed)
+        model.to(dev)
+        return model.eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype, **extra)
     except Exception as e:
@@ -117,6 +123,14 @@ def load_model(ref: ModelRef, *, device: str = "auto", dtype: str = "auto"):
     model.to(dev)
     model.eval()
     return model
+
+
+def _quant_method(path: Path) -> str | None:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (config.get("quantization_config") or {}).get("quant_method")
 
 
 def _config_dtype(path: Path) -> str | None:

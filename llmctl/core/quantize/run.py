@@ -1,0 +1,314 @@
+"""``quantize_model``: load a model, quantize its decoder linears with one method, write one format.
+
+Methods (the registry): ``rtn`` (round to nearest), ``gptq``, ``awq``, ``fp8``. Data-aware methods walk
+the decoder layers with :func:`llmctl.core.quantize.calib.run_layerwise`, so every layer is calibrated on
+the outputs of the already-quantized layers before it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmctl.core.errors import UsageError
+from llmctl.core.quantize import formats as F
+from llmctl.core.quantize.calib import (
+    CalibrationSpec,
+    LayerInputs,
+    calibration_ids,
+    decoder_layers,
+    linears_of,
+    run_layerwise,
+)
+from llmctl.core.quantize.rtn import SUPPORTED_BITS, check_group_size, fp8_quantize, rtn_quantize
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    url: str
+    calibrated: bool
+    default_format: str
+    default_sym: bool
+
+
+METHODS = {
+    "rtn": Method("rtn", "https://arxiv.org/abs/2210.17323 (baseline)", False, "gptq", True),
+    "gptq": Method("gptq", "https://arxiv.org/abs/2210.17323", True, "gptq", True),
+    "awq": Method("awq", "https://arxiv.org/abs/2306.00978", True, "awq", False),
+    "fp8": Method("fp8", "https://arxiv.org/abs/2209.05433", False, "compressed-tensors", True),
+}
+_BNB = "export is not implemented yet (it needs bitsandbytes' serialised quant state)"
+UNSUPPORTED_METHODS = {"bnb-nf4": f"bitsandbytes NF4 {_BNB}", "bnb-int8": f"bitsandbytes int8 {_BNB}"}
+# True-sequential order inside a Llama-like layer: each set is quantized on inputs from the sets before it.
+SEQUENTIAL = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json", "added_tokens.json",
+)  # fmt: skip
+
+
+@dataclass
+class QuantizeOptions:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool | None = None  # None: the method's default
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    true_sequential: bool = True
+    fmt: str | None = None  # None: the method's default
+    skip: list[str] = field(default_factory=list)
+    calib: CalibrationSpec = field(default_factory=CalibrationSpec)
+    batch_size: int = 8
+
+    def resolved(self) -> QuantizeOptions:
+        if self.method in UNSUPPORTED_METHODS:
+            raise UsageError(f"--method {self.method}: {UNSUPPORTED_METHODS[self.method]}")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        m = METHODS[self.method]
+        out = QuantizeOptions(**{**self.__dict__})
+        out.sym = m.default_sym if self.sym is None else self.sym
+        out.fmt = self.fmt or m.default_format
+        if out.fmt not in F.FORMATS:
+            raise UsageError(f"unknown --format {out.fmt!r}; choose one of {', '.join(F.FORMATS)}")
+        if self.method == "fp8":
+            if out.fmt != "compressed-tensors":
+                raise UsageError("--method fp8 writes --format compressed-tensors only")
+            out.bits, out.group_size = 8, -1
+        elif self.bits not in SUPPORTED_BITS:
+            raise UsageError(f"--bits {self.bits} is not supported; choose one of 2, 3, 4, 8")
+        if out.fmt == "awq" and (out.bits != 4 or out.sym or out.act_order):
+            raise UsageError(
+                "--format awq stores asymmetric 4-bit weights without act-order; use --format gptq"
+            )
+        if out.fmt == "compressed-tensors" and out.act_order:
+            raise UsageError("--act-order is written in --format gptq only")
+        if self.method == "awq" and out.sym:
+            raise UsageError("awq quantizes asymmetrically (zero points); drop --sym")
+        if out.act_order and self.method != "gptq":
+            raise UsageError("--act-order applies to --method gptq only")
+        if self.damp <= 0:
+            raise UsageError("--damp must be positive")
+        return out
+
+
+def _quantizable(model, opts: QuantizeOptions) -> dict[str, nn.Linear]:
+    """The linears to quantize, by full module name; checks shapes before any work is done."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    found: dict[str, nn.Linear] = {}
+    for i, layer in enumerate(layers):
+        for name, lin in linears_of(layer, opts.skip).items():
+            full = f"{prefix}.{i}.{name}"
+            n, k = lin.weight.shape
+            if opts.method != "fp8":
+                check_group_size(k, opts.group_size, full)
+                if (k * opts.bits) % 32 or (opts.fmt == "gptq" and (n * opts.bits) % 32):
+                    raise UsageError(f"{full} ({n}x{k}) cannot be packed in {opts.bits}-bit int32 words")
+            found[full] = lin
+    if not found:
+        raise UsageError("no linear layers left to quantize (check --skip)")
+    return found
+
+
+def _store(lin: nn.Linear, qw: F.QuantizedWeight, fmt: str | None = None) -> F.QuantizedWeight:
+    """Put the dequantized weight back into the fp model (later layers calibrate on it)."""
+    if fmt == "gptq" and not qw.sym:
+        F.v1_representable(qw)
+    if lin.bias is not None:
+        qw.bias = lin.bias.detach().clone()
+    lin.weight.data.copy_(qw.dequantize(lin.weight.dtype))
+    return qw
+
+
+def _rtn_like(model, targets, opts, progress) -> dict[str, F.QuantizedWeight]:
+    out = {}
+    for name, lin in targets.items():
+        if opts.method == "fp8":
+            qw = fp8_quantize(lin.weight)
+        else:
+            qw = rtn_quantize(lin.weight, bits=opts.bits, group_size=opts.group_size, sym=opts.sym)
+        out[name] = _store(lin, qw, opts.fmt)
+        progress()
+    return out
+
+
+def _gptq(model, targets, opts, ids, progress, warn) -> dict[str, F.QuantizedWeight]:
+    from llmctl.core.quantize.gptq import HessianAccumulator, gptq_quantize
+
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    out: dict[str, F.QuantizedWeight] = {}
+
+    def on_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        own = {
+            n[len(f"{prefix}.{index}.") :]: m
+            for n, m in targets.items()
+            if n.startswith(f"{prefix}.{index}.")
+        }
+        sets = [[n for n in s if n in own] for s in SEQUENTIAL] if opts.true_sequential else []
+        rest = [n for n in own if not any(n in s for s in sets)]
+        sets = [s for s in sets if s] + ([rest] if rest else [])
+        for names in sets:
+            acc = {n: HessianAccumulator(own[n].in_features) for n in names}
+            inputs.collect(layer, {n: own[n] for n in names}, lambda n, x, acc=acc: acc[n].add(x))
+            for n in names:
+                full = f"{prefix}.{index}.{n}"
+                qw = gptq_quantize(
+                    own[n].weight, acc[n].H, bits=opts.bits, group_size=opts.group_size, sym=opts.sym,
+                    act_order=opts.act_order, static_groups=opts.static_groups, damp=opts.damp,
+                    warn=warn, name=full,
+                )  # fmt: skip
+                out[full] = _store(own[n], qw, opts.fmt)
+                del acc[n]
+        progress()
+
+    run_layerwise(model, ids, on_layer, batch_size=opts.batch_size)
+    return out
+
+
+def _awq(model, targets, opts, ids, progress) -> dict[str, F.QuantizedWeight]:
+    from llmctl.core.quantize.awq import awq_layer, awq_quantize
+
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    out: dict[str, F.QuantizedWeight] = {}
+
+    def on_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        awq_layer(layer, inputs, bits=opts.bits, group_size=opts.group_size)
+        for n, lin in linears_of(layer, opts.skip).items():
+            full = f"{prefix}.{index}.{n}"
+            if full in targets:
+                qw = awq_quantize(lin.weight, bits=opts.bits, group_size=opts.group_size)
+                out[full] = _store(lin, qw, opts.fmt)
+        progress()
+
+    run_layerwise(model, ids, on_layer, batch_size=opts.batch_size)
+    return out
+
+
+@torch.no_grad()
+def quantize_loaded(model, tokenizer, opts: QuantizeOptions, *, warn=None, progress=None):
+    """Quantize ``model`` in place (its linears hold the dequantized weights afterwards); returns the
+    :class:`QuantizedWeight` of every quantized linear by module name."""
+    opts = opts.resolved()
+    warn = warn or (lambda message: None)
+    progress = progress or (lambda: None)
+    targets = _quantizable(model, opts)
+    if opts.method == "awq":
+        from llmctl.core.quantize.awq import llama_groups
+
+        llama_groups(decoder_layers(model)[0])  # an unsupported architecture fails before calibration
+    if not METHODS[opts.method].calibrated:
+        return _rtn_like(model, targets, opts, progress)
+    ids = calibration_ids(tokenizer, opts.calib)
+    if opts.method == "gptq":
+        return _gptq(model, targets, opts, ids, progress, warn)
+    return _awq(model, targets, opts, ids, progress)
+
+
+def quantized_state_dict(model, quantized: dict[str, F.QuantizedWeight], fmt: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the output checkpoint: the model's own tensors (minus quantized weights and a tied
+    ``lm_head``) plus each quantized layer's tensors in ``fmt``."""
+    writer = F.WRITERS[fmt]
+    state = {}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized or (tied and name == "lm_head.weight"):
+            continue
+        state[name] = tensor.detach().contiguous()
+    for module, qw in quantized.items():
+        for suffix, tensor in writer(qw).items():
+            state[f"{module}.{suffix}"] = tensor.contiguous()
+    return state
+
+
+def write_quantized(
+    model, tokenizer, quantized, opts: QuantizeOptions, directory: Path, source: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    from llmctl import __version__
+
+    opts = opts.resolved()
+    directory = Path(directory)
+    kind = "fp8" if opts.method == "fp8" else "int"
+    ignore = ["lm_head"] + sorted(
+        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized
+        and name != "lm_head"
+    )  # fmt: skip
+    qc = F.quantization_config(
+        opts.fmt, bits=opts.bits, group_size=opts.group_size, sym=opts.sym, act_order=opts.act_order,
+        damp=opts.damp, static_groups=opts.static_groups, true_sequential=opts.true_sequential, kind=kind,
+        ignore=ignore, method=opts.method, version=__version__,
+    )  # fmt: skip
+    save_file(quantized_state_dict(model, quantized, opts.fmt), str(directory / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    config = model.config.to_dict()
+    config["quantization_config"] = qc
+    config.pop("_name_or_path", None)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if opts.fmt == "gptq":
+        (directory / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, directory / name)
+            copied = True
+    if not copied and tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
+def quantize_model(model_path: str, output: Path, opts: QuantizeOptions, *, force: bool = False,
+                   warn=None, progress=None, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """The whole command: load, quantize, write ``output`` atomically (with ``llmctl.json``)."""
+    from llmctl.core.io import atomic_output
+    from llmctl.core.models.hf import load_model, load_tokenizer, resolve_model
+    from llmctl.core.provenance import now, write_provenance
+
+    resolved = opts.resolved()
+    started = now()
+    ref = resolve_model(model_path)
+    torch.manual_seed(seed)
+    model = load_model(ref, device="cpu", dtype="float32")
+    tokenizer = load_tokenizer(ref)
+    t0 = time.perf_counter()
+    quantized = quantize_loaded(model, tokenizer, resolved, warn=warn, progress=progress)
+    seconds = time.perf_counter() - t0
+    source = ref.path if ref.kind == "hf" else ref.path.parent
+    with atomic_output(output, force=force) as tmp:
+        write_quantized(model, tokenizer, quantized, resolved, tmp, source)
+        size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        summary = {
+            "output": str(output), "method": resolved.method, "format": resolved.fmt, "bits": resolved.bits,
+            "group_size": resolved.group_size, "sym": resolved.sym, "act_order": resolved.act_order,
+            "layers_quantized": len(quantized), "quantize_seconds": round(seconds, 3),
+            "size_bytes": size,
+        }  # fmt: skip
+        if METHODS[resolved.method].calibrated:
+            c = resolved.calib
+            summary["calibration"] = {
+                "samples": c.samples,
+                "seq_len": c.seq_len,
+                "file": c.path and str(c.path),
+            }
+        inputs = [model_path] + ([resolved.calib.path] if resolved.calib.path else [])
+        write_provenance(tmp, command="quantize", inputs=inputs, started_at=started, seed=seed,
+                         extra={"summary": summary})  # fmt: skip
+    return summary

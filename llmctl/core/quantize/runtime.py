@@ -1,0 +1,168 @@
+"""Running quantized checkpoints: :class:`QuantLinear` and :func:`load_quantized`.
+
+``load_quantized(dir)`` reads any of the three formats llmctl writes (GPTQ v1, AWQ GEMM,
+compressed-tensors pack-/float-quantized) into an ordinary transformers model whose quantized linears are
+:class:`QuantLinear` modules. A ``QuantLinear`` keeps the integers and dequantizes them on the fly in each
+forward (the reference path, any device); a W4A16 kernel can replace that forward without changing the
+stored buffers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmctl.core.errors import ModelError
+from llmctl.core.quantize import formats as F
+
+
+class QuantLinear(nn.Module):
+    """A linear layer holding a :class:`~llmctl.core.quantize.formats.QuantizedWeight`."""
+
+    def __init__(self, qw: F.QuantizedWeight, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.bits, self.group_size, self.kind, self.sym = qw.bits, qw.group_size, qw.kind, qw.sym
+        self.dtype = dtype
+        self.register_buffer("qweight", qw.qweight, persistent=False)  # [N, K] uint8 (or float8)
+        self.register_buffer("scales", qw.scales, persistent=False)  # [N, G]
+        self.register_buffer("zeros", qw.zeros, persistent=False)  # [N, G] or None
+        self.register_buffer("g_idx", qw.g_idx, persistent=False)  # [K] or None
+        self.register_buffer("bias", None if qw.bias is None else qw.bias.to(dtype), persistent=False)
+
+    def quantized_weight(self) -> F.QuantizedWeight:
+        return F.QuantizedWeight(
+            qweight=self.qweight, scales=self.scales, zeros=self.zeros, g_idx=self.g_idx, bits=self.bits,
+            group_size=self.group_size, sym=self.sym, bias=self.bias, kind=self.kind,
+        )  # fmt: skip
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight ``[N, K]`` (computed on each access)."""
+        return self.quantized_weight().dequantize(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(
+            x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, {self.kind}{self.bits}, group={self.group_size}"
+        )
+
+
+def read_quantization_config(directory: Path) -> dict:
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {directory}/config.json: {e}") from e
+    qc = config.get("quantization_config")
+    if not qc:
+        raise ModelError(f"{directory} is not a quantized model (config.json has no quantization_config)")
+    return qc
+
+
+def format_of(qc: dict) -> str:
+    method = qc.get("quant_method")
+    if method in ("gptq", "awq", "compressed-tensors"):
+        return method
+    raise ModelError(
+        f"unsupported quantization method {method!r} (llmctl reads gptq, awq, compressed-tensors)"
+    )
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{directory} has no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def kernel_linear(qw: F.QuantizedWeight, dtype: torch.dtype = torch.float32) -> nn.Module | None:
+    """A ``llmctl.kernels.w4a16.W4A16Linear`` (Triton W4A16 kernel on CUDA, its torch reference
+    elsewhere) holding ``qw`` in GPTQ v2 buffers (zeros stored as they are), or None when the kernel
+    module is absent or cannot hold this weight (fp8, shapes it does not pack)."""
+    if qw.kind != "int":
+        return None
+    try:
+        from llmctl.kernels.w4a16 import W4A16Linear, pack_gptq
+    except ImportError:
+        return None
+    n, k = qw.shape
+    try:
+        module = W4A16Linear(
+            k, n, bias=qw.bias is not None, bits=qw.bits, group_size=qw.group_size, zero_offset=0, dtype=dtype
+        )
+        qweight, qzeros, scales, g_idx = pack_gptq(
+            qw.qweight.T.to(torch.int32), qw.zeros.T.to(torch.int32), qw.scales.T, qw.g_idx,
+            bits=qw.bits, group_size=qw.group_size, v1=False,
+        )  # fmt: skip
+    except ValueError:
+        return None
+    module.qweight.copy_(qweight)
+    module.qzeros.copy_(qzeros)
+    module.scales.copy_(qw.scales.T.to(dtype))  # the fp32 scales as they are (pack_gptq rounds to fp16)
+    module.g_idx.copy_(g_idx)
+    if qw.bias is not None:
+        module.bias.copy_(qw.bias.to(dtype))
+    return module
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32, kernel: bool = True):
+    """A transformers causal LM from a quantized llmctl (or GPTQ/AWQ/compressed-tensors) directory, in
+    eval mode on the CPU. Integer linears become ``W4A16Linear`` (the Triton W4A16 kernel's module) when
+    ``kernel`` and the kernel module can hold them, else the reference :class:`QuantLinear`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    qc = read_quantization_config(directory)
+    fmt = format_of(qc)
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = _read_tensors(directory)
+    markers = F.layer_tensor_names(fmt, qc)
+    quantized = sorted({name.rsplit(".", 1)[0] for name in tensors if name.rsplit(".", 1)[-1] in markers})
+    if fmt == "compressed-tensors" and qc.get("format") == "float-quantized":
+        quantized = sorted(
+            name.rsplit(".", 1)[0] for name, t in tensors.items()
+            if name.endswith(".weight") and t.dtype == torch.float8_e4m3fn
+        )  # fmt: skip
+    for module_name in quantized:
+        prefix = module_name + "."
+        own = {k[len(prefix) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        try:
+            qw = F.read_layer(fmt, qc, own)
+        except KeyError as e:
+            raise ModelError(f"{directory}: quantized layer {module_name} lacks tensor {e}") from e
+        module = kernel_linear(qw, dtype) if kernel else None
+        _set_module(model, module_name, module or QuantLinear(qw, dtype))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ModelError(f"{directory}: unexpected tensors {unexpected[:3]}")
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    replaced = set(quantized)  # their buffers were filled above
+    missing = [m for m in missing if m not in tied and m.rsplit(".", 1)[0] not in replaced]
+    if missing:
+        raise ModelError(f"{directory}: missing tensors {missing[:3]}")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    return model
