@@ -6,7 +6,7 @@ _llmctl() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "convert dedup eval filter generate init inspect merge tokenize tokenize-train --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "convert dedup eval filter finetune generate init inspect merge quantize serve tokenize tokenize-train --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -83,6 +83,50 @@ _llmctl() {
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--rules --thresholds --mark --lang-field --lang --text-field -o --output --force --skip-bad-lines --whole-file --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
+    finetune)
+        case "$prev" in
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --val) COMPREPLY=(); return ;;
+            --val-split) COMPREPLY=(); return ;;
+            --format) COMPREPLY=(); return ;;
+            --text-field) COMPREPLY=(); return ;;
+            --max-length) COMPREPLY=(); return ;;
+            --method) COMPREPLY=(); return ;;
+            --r) COMPREPLY=(); return ;;
+            --alpha) COMPREPLY=(); return ;;
+            --dropout) COMPREPLY=(); return ;;
+            --target-modules) COMPREPLY=(); return ;;
+            --objective) COMPREPLY=(); return ;;
+            --beta) COMPREPLY=(); return ;;
+            --simpo-gamma) COMPREPLY=(); return ;;
+            --label-smoothing) COMPREPLY=(); return ;;
+            --epochs) COMPREPLY=(); return ;;
+            --max-steps) COMPREPLY=(); return ;;
+            --lr) COMPREPLY=(); return ;;
+            --weight-decay) COMPREPLY=(); return ;;
+            --batch-size) COMPREPLY=(); return ;;
+            --grad-accum) COMPREPLY=(); return ;;
+            --optimizer) COMPREPLY=(); return ;;
+            --scheduler) COMPREPLY=(); return ;;
+            --warmup-ratio) COMPREPLY=(); return ;;
+            --max-grad-norm) COMPREPLY=(); return ;;
+            --mixed-precision) COMPREPLY=(); return ;;
+            --neftune-alpha) COMPREPLY=(); return ;;
+            --eval-every) COMPREPLY=(); return ;;
+            --patience) COMPREPLY=(); return ;;
+            --save-every) COMPREPLY=(); return ;;
+            --checkpoint-dir) COMPREPLY=(); return ;;
+            --resume) COMPREPLY=(); return ;;
+            --log-every) COMPREPLY=(); return ;;
+            --nproc) COMPREPLY=(); return ;;
+            --device) COMPREPLY=(); return ;;
+            --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+            --seed) COMPREPLY=(); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --val --val-split --format --text-field --train-on-prompt --max-length --pack --method --r --alpha --dropout --target-modules --rslora --objective --beta --simpo-gamma --label-smoothing --epochs --max-steps --lr --weight-decay --batch-size --grad-accum --optimizer --scheduler --warmup-ratio --max-grad-norm --gradient-checkpointing --mixed-precision --neftune-alpha --shuffle --no-shuffle --eval-every --patience --save-every --checkpoint-dir --resume --log-every --merge --kernels --no-kernels --nproc --device --dtype --seed --skip-bad-lines --force --json -q --quiet --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
     generate)
         case "$prev" in
             --prompt) COMPREPLY=(); return ;;
@@ -99,6 +143,16 @@ _llmctl() {
             --top-logprobs) COMPREPLY=(); return ;;
             --prompt-lookup) COMPREPLY=(); return ;;
             --lookup-ngram) COMPREPLY=(); return ;;
+            --lookahead) COMPREPLY=(); return ;;
+            --lookahead-ngram) COMPREPLY=(); return ;;
+            --draft) COMPREPLY=(); return ;;
+            --num-draft-tokens) COMPREPLY=(); return ;;
+            --json-schema) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --regex) COMPREPLY=(); return ;;
+            --grammar) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --num-beams) COMPREPLY=(); return ;;
+            --length-penalty) COMPREPLY=(); return ;;
+            --early-stopping) COMPREPLY=(); return ;;
             --seed) COMPREPLY=(); return ;;
             --batch-size) COMPREPLY=(); return ;;
             --device) COMPREPLY=(); return ;;
@@ -106,7 +160,7 @@ _llmctl() {
             -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt --chat --stream --max-tokens --temperature --top-k --top-p --min-p --repetition-penalty --frequency-penalty --presence-penalty --stop --ignore-eos --n --logprobs --top-logprobs --prompt-lookup --lookup-ngram --seed --batch-size --device --dtype -o --output --force --skip-bad-lines -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt --chat --stream --max-tokens --temperature --top-k --top-p --min-p --repetition-penalty --frequency-penalty --presence-penalty --stop --ignore-eos --n --logprobs --top-logprobs --prompt-lookup --lookup-ngram --lookahead --lookahead-ngram --draft --num-draft-tokens --json-schema --json --regex --grammar --num-beams --length-penalty --early-stopping --seed --batch-size --device --dtype -o --output --force --skip-bad-lines -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     init)
@@ -147,6 +201,47 @@ _llmctl() {
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --base --linear --task-arithmetic --ties --dare-ties --dare-linear --slerp --breadcrumbs --model-stock --method --lora --t --weights --density --gamma --lambda --tokenizer-source --max-shard-size --dtype --device --seed --force -q --quiet --json --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    quantize)
+        case "$prev" in
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --method) COMPREPLY=($(compgen -W "rtn gptq awq fp8 bnb-nf4 bnb-int8" -- "$cur")); return ;;
+            --bits) COMPREPLY=(); return ;;
+            --group-size) COMPREPLY=(); return ;;
+            --damp) COMPREPLY=(); return ;;
+            --calib) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --text-field) COMPREPLY=(); return ;;
+            --calib-samples) COMPREPLY=(); return ;;
+            --calib-seq-len) COMPREPLY=(); return ;;
+            --format) COMPREPLY=($(compgen -W "gptq awq compressed-tensors" -- "$cur")); return ;;
+            --skip) COMPREPLY=(); return ;;
+            --batch-size) COMPREPLY=(); return ;;
+            --seed) COMPREPLY=(); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --method --bits --group-size --sym --asym --act-order --static-groups --damp --calib --text-field --calib-samples --calib-seq-len --format --skip --batch-size --seed --force --json -q --quiet --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    serve)
+        case "$prev" in
+            --host) COMPREPLY=(); return ;;
+            --port) COMPREPLY=(); return ;;
+            --api-key) COMPREPLY=(); return ;;
+            --served-model-name) COMPREPLY=(); return ;;
+            --max-num-seqs) COMPREPLY=(); return ;;
+            --max-num-batched-tokens) COMPREPLY=(); return ;;
+            --block-size) COMPREPLY=(); return ;;
+            --kv-cache-memory) COMPREPLY=(); return ;;
+            --num-blocks) COMPREPLY=(); return ;;
+            --max-waiting) COMPREPLY=(); return ;;
+            --shutdown-timeout) COMPREPLY=(); return ;;
+            --draft) COMPREPLY=(); return ;;
+            --device) COMPREPLY=(); return ;;
+            --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--host --port --api-key --served-model-name --max-num-seqs --max-num-batched-tokens --block-size --kv-cache-memory --num-blocks --no-prefix-caching --max-waiting --shutdown-timeout --draft --device --dtype -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     tokenize)
