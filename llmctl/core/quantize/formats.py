@@ -82,38 +82,23 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned ``bits``-bit integers densely along dim 0 into int32: ``[R, C] -> [R*bits/32, C]``.
 
     Value ``r`` of a column sits at bit ``r*bits`` of the packed column (little-endian bit order), which
-    is AutoGPTQ's layout for 2/4/8 bits and its 3-bit "10 + 1/2 + 10 + 2/1 + 10" layout alike.
+    is AutoGPTQ's layout for 2/4/8 bits and its 3-bit "10 + 1/2 + 10 + 2/1 + 10" layout alike. Values are
+    taken modulo ``2**bits`` (GPTQ v1 stores zero - 1, which wraps for a zero of 0, as AutoGPTQ's does).
+    The bit packing itself is the W4A16 kernel module's, so the files and the kernel agree by construction.
     """
+    from llmctl.kernels.w4a16 import pack_int
+
     rows = values.shape[0]
     if (rows * bits) % 32:
         raise UsageError(f"cannot pack {rows} {bits}-bit values into whole int32 words")
-    v = values.to(torch.int64) & ((1 << bits) - 1)
-    shifts = torch.arange(rows, dtype=torch.int64) * bits  # [R]
-    word = shifts // 32
-    offset = shifts % 32
-    out = torch.zeros(rows * bits // 32, values.shape[1], dtype=torch.int64)
-    out.index_add_(0, word, v << offset[:, None])
-    spill = offset + bits > 32  # values straddling two words (3-bit, for example)
-    if spill.any():
-        out.index_add_(0, word[spill] + 1, v[spill] >> (32 - offset[spill])[:, None])
-    out &= 0xFFFFFFFF
-    return _to_int32(out)
+    return pack_int(values.to(torch.int64) & ((1 << bits) - 1), bits, 0)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: ``[rows*bits/32, C]`` int32 -> ``[rows, C]`` int32 in [0, 2**bits)."""
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    p = torch.cat([p, torch.zeros_like(p[:1])])  # a zero word after the last, for spilled reads
-    shifts = torch.arange(rows, dtype=torch.int64) * bits
-    word = shifts // 32
-    offset = shifts % 32
-    two = p[word] | (p[word + 1] << 32)  # 64 bits starting at each value's word
-    return ((two >> offset[:, None]) & ((1 << bits) - 1)).to(torch.int32)
+    from llmctl.kernels.w4a16 import unpack_int
 
-
-def _to_int32(x: torch.Tensor) -> torch.Tensor:
-    """uint32 bit patterns held in int64 -> the same bits as int32."""
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+    return unpack_int(packed, bits, 0)[:rows]
 
 
 # --- GPTQ v1 -----------------------------------------------------------------------------------------
