@@ -93,9 +93,7 @@ def test_llmctl_eval_scores_a_quantized_model_close_to_the_original(cli, tiny_mo
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     scores = {}
     for name, model in (("fp", tiny_model), ("q8", out)):
-        result = cli(
-            "eval", model, "--task", "perplexity", "--data", text, "--max-length", "64", "--json"
-        )
+        result = cli("eval", model, "--task", "perplexity", "--data", text, "--max-length", "64", "--json")
         assert result.exit_code == 0, result.stderr
         scores[name] = json.loads(result.stdout)["results"]["perplexity"]["byte_perplexity,none"]
     assert scores["q8"] == pytest.approx(scores["fp"], rel=0.02)  # 8-bit RTN barely moves perplexity
