@@ -6,7 +6,7 @@ _llmctl() {
         case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
     done
     if [[ -z "$cmd" ]]; then
-        COMPREPLY=($(compgen -W "convert dedup eval filter finetune generate init inspect merge quantize serve tokenize tokenize-train --version" -- "$cur"))
+        COMPREPLY=($(compgen -W "convert dedup eval filter finetune generate init inspect merge prune quantize serve tokenize tokenize-train --version" -- "$cur"))
         return
     fi
     case "$cmd" in
@@ -201,6 +201,31 @@ _llmctl() {
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --base --linear --task-arithmetic --ties --dare-ties --dare-linear --slerp --breadcrumbs --model-stock --method --lora --t --weights --density --gamma --lambda --tokenizer-source --max-shard-size --dtype --device --seed --force -q --quiet --json --debug --config" -- "$cur"));
+        else COMPREPLY=($(compgen -f -- "$cur")); fi
+        ;;
+    prune)
+        case "$prev" in
+            -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --method) COMPREPLY=($(compgen -W "magnitude wanda sparsegpt layers progressive-layers heads channels" -- "$cur")); return ;;
+            --sparsity) COMPREPLY=(); return ;;
+            --pattern) COMPREPLY=(); return ;;
+            --score) COMPREPLY=($(compgen -W "block-influence angular ppl" -- "$cur")); return ;;
+            --drop) COMPREPLY=(); return ;;
+            --keep-ratio) COMPREPLY=(); return ;;
+            --domain) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --max-loss-increase) COMPREPLY=(); return ;;
+            --calib) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --text-field) COMPREPLY=(); return ;;
+            --calib-samples) COMPREPLY=(); return ;;
+            --calib-seq-len) COMPREPLY=(); return ;;
+            --eval) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            --damp) COMPREPLY=(); return ;;
+            --skip) COMPREPLY=(); return ;;
+            --batch-size) COMPREPLY=(); return ;;
+            --seed) COMPREPLY=(); return ;;
+            --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        esac
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --method --sparsity --pattern --score --drop --keep-ratio --domain --max-loss-increase --calib --text-field --calib-samples --calib-seq-len --eval --damp --skip --batch-size --seed --force --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     quantize)

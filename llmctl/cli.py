@@ -50,6 +50,7 @@ COMMANDS = {
     "init": "llmctl.commands.init",
     "inspect": "llmctl.commands.inspect",
     "tokenize": "llmctl.commands.tokenize",
+    "prune": "llmctl.commands.prune",
     "quantize": "llmctl.commands.quantize",
     "serve": "llmctl.commands.serve",
     "finetune": "llmctl.commands.finetune",

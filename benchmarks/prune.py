@@ -1,0 +1,189 @@
+"""Perplexity after pruning: dense vs magnitude vs Wanda vs SparseGPT (50% and 2:4), and layer dropping.
+
+All methods prune the same model in the same run with llmctl's library (``llmctl.core.prune``),
+calibrated on the same text (the first half of WikiText-2 test, 32 sequences of 512 tokens, as in the
+Wanda paper's setting) and evaluated on held-out text (the second half), with ``llmctl eval``'s rolling
+windows (every token scored once). Layer dropping reports perplexity and greedy-generation tokens/s;
+progressive dropping on GSM8K train text is compared with one-shot ShortGPT at the same depth on GSM8K
+test text (in-domain). No peer tool runs here: the Wanda/SparseGPT reference repositories are research
+scripts for CUDA, and llm-compressor pins an older transformers.
+
+    python benchmarks/prune.py            # SmolLM2-135M-Instruct, WikiText-2 + GSM8K from ../shared/data
+    python benchmarks/prune.py --quick    # tiny random model and synthetic text, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from _common import bench_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+WIKITEXT = DATA / "wikitext-2" / "test.txt"
+GSM8K_TRAIN = DATA / "gsm8k" / "train.jsonl"
+GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
+
+
+def texts(quick: bool, tmp: Path, eval_chars: int):
+    """(calibration file, held-out text, domain file, in-domain held-out text)."""
+    if quick or not WIKITEXT.is_file():
+        words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+        lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(200)]
+        calib, held = lines[:100], " ".join(lines[100:])[:eval_chars]
+        domain = [f"Q: what is {i} plus {i}? A: {2 * i}." for i in range(200)]
+        domain_held = " ".join(f"Q: what is {i} times 2? A: {2 * i}." for i in range(50))[:eval_chars]
+    else:
+        lines = [line for line in WIKITEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
+        half = len(lines) // 2
+        calib, held = lines[:half], "\n".join(lines[half:])[:eval_chars]
+
+        def qa(path):
+            return [
+                (r["question"] + "\n" + r["answer"]) for r in map(json.loads, path.open(encoding="utf-8"))
+            ]
+
+        domain = qa(GSM8K_TRAIN)[:2000]
+        domain_held = "\n\n".join(qa(GSM8K_TEST)[:200])[:eval_chars]
+    calib_path, domain_path = tmp / "calib.txt", tmp / "domain.txt"
+    calib_path.write_text("\n".join(calib) + "\n", encoding="utf-8")
+    domain_path.write_text("\n".join(d.replace("\n", " ") for d in domain) + "\n", encoding="utf-8")
+    return calib_path, held, domain_path, domain_held
+
+
+def tokens_per_second(model, tokenizer, new_tokens: int) -> float:
+    import torch
+
+    ids = tokenizer("The history of science is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny model, synthetic text")
+    parser.add_argument("--model", help="model directory (default: SmolLM2, or llama-tiny with --quick)")
+    parser.add_argument(
+        "--eval-chars", type=int, help="held-out characters scored (default 40000; quick 3000)"
+    )
+    parser.add_argument("--no-progressive", action="store_true", help="skip progressive layer dropping")
+    parser.add_argument(
+        "--only", choices=["unstructured", "layers"], help="run one half (the two halves can run in parallel)"
+    )
+    args = parser.parse_args()
+
+    import torch
+
+    from llmctl.core.models.hf import load_model, load_tokenizer, resolve_model
+    from llmctl.core.prune.run import (
+        DEFAULT_CALIB,
+        PruneOptions,
+        count_parameters,
+        perplexity,
+        prune_loaded,
+    )
+    from llmctl.core.quantize.calib import CalibrationSpec, decoder_layers
+
+    quick = args.quick
+    eval_chars = args.eval_chars or (3000 if quick else 40_000)
+    with tempfile.TemporaryDirectory(prefix="llmctl-bench-") as tmp:
+        tmp = Path(tmp)
+        model_dir = bench_model(args.model, quick, tmp)
+        calib_path, held, domain_path, domain_held = texts(quick, tmp, eval_chars)
+        spec = (
+            replace(DEFAULT_CALIB, path=calib_path)
+            if not quick
+            else CalibrationSpec(calib_path, samples=4, seq_len=64)
+        )
+        ref = resolve_model(model_dir)
+        tokenizer = load_tokenizer(ref)
+        max_length = 64 if quick else 512
+        new_tokens = 8 if quick else 48
+        n_layers = len(decoder_layers(load_model(ref, device="cpu", dtype="float32")))
+
+        rows = []
+
+        def run(label: str, opts: PruneOptions | None, speed: bool = False, domain: bool = False) -> dict:
+            model = load_model(ref, device="cpu", dtype="float32")
+            t0 = time.perf_counter()
+            report = prune_loaded(model, tokenizer, opts) if opts else {}
+            seconds = time.perf_counter() - t0 if opts else 0.0
+            row = {
+                "label": label,
+                "seconds": seconds,
+                "sparsity": report.get("sparsity"),
+                "layers": len(decoder_layers(model)),
+                "params": count_parameters(model),
+                "ppl": perplexity(model, tokenizer, [held], batch_size=4, max_length=max_length),
+            }
+            if domain:
+                row["domain_ppl"] = perplexity(
+                    model, tokenizer, [domain_held], batch_size=4, max_length=max_length
+                )
+            if speed:
+                row["tok_s"] = tokens_per_second(model, tokenizer, new_tokens)
+            rows.append(row)
+            print(f"  {label}: ppl {row['ppl']:.2f} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+            return row
+
+        dense = run("dense", None, speed=True, domain=True)
+        for target in ("0.5", "2:4") if args.only != "layers" else ():
+            for method in ("magnitude", "wanda", "sparsegpt"):
+                opts = PruneOptions(method=method, calib=spec)
+                if target == "0.5":
+                    opts.sparsity = 0.5
+                else:
+                    opts.pattern = target
+                run(f"{method} {'50%' if target == '0.5' else target}", opts)
+        quarter = max(1, round(n_layers * 0.25))
+        half = max(1, round(n_layers * 0.5))
+        for k in sorted({quarter, half}) if args.only != "unstructured" else ():
+            for score in ("block-influence", "angular"):
+                opts = PruneOptions(method="layers", score=score, drop=k, calib=spec)
+                run(f"layers {score} -{k}/{n_layers}", opts, speed=True, domain=k == quarter)
+        if not args.no_progressive and args.only != "unstructured":
+            dspec = replace(spec, samples=2 if quick else 4, seq_len=64 if quick else 256)
+            run(f"progressive (GSM8K) -{quarter}/{n_layers}",
+                PruneOptions(method="progressive-layers", domain=domain_path, drop=quarter, calib=dspec),
+                speed=True, domain=True)  # fmt: skip
+
+    print(
+        f"model: {model_dir}; calibration: {spec.samples} x {spec.seq_len} tokens; held-out:"
+        f" {eval_chars} chars, windows of {max_length}; torch {torch.__version__},"
+        f" threads {torch.get_num_threads()}"
+    )
+    print(f"{'method':<34}{'sparsity':>9}{'layers':>7}{'params':>13}{'ppl':>11}{'vs dense':>9}"
+          f"{'GSM8K ppl':>11}{'tok/s':>8}{'prune s':>9}")  # fmt: skip
+    for r in rows:
+        sp = "-" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
+        dom = f"{r['domain_ppl']:.2f}" if "domain_ppl" in r else "-"
+        tps = f"{r['tok_s']:.1f}" if "tok_s" in r else "-"
+        print(f"{r['label']:<34}{sp:>9}{r['layers']:>7}{r['params']:>13,}{r['ppl']:>11.2f}"
+              f"{r['ppl'] / dense['ppl']:>8.2f}x{dom:>11}{tps:>8}{r['seconds']:>9.1f}")  # fmt: skip
+    by = {r["label"]: r for r in rows}
+    if args.only == "layers":
+        shallow = by[f"layers block-influence -{quarter}/{n_layers}"]
+        prog = by.get(f"progressive (GSM8K) -{quarter}/{n_layers}", shallow)
+        print(f"GSM8K ppl at -{quarter} layers: progressive / one-shot ShortGPT "
+              f"{prog['domain_ppl'] / shallow['domain_ppl']:.3f}x; tokens/s vs dense "
+              f"{shallow['tok_s'] / dense['tok_s']:.2f}x")  # fmt: skip
+        return
+    sg, mag, wa = by["sparsegpt 50%"]["ppl"], by["magnitude 50%"]["ppl"], by["wanda 50%"]["ppl"]
+    print(
+        f"at 50% sparsity: SparseGPT ppl / magnitude ppl {sg / mag:.3f}x; Wanda / magnitude {wa / mag:.3f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
