@@ -70,7 +70,12 @@ def test_a_file_that_is_not_gguf_is_refused(cli, tmp_path):
 
 def _start_convert(source, out):
     cmd = [sys.executable, "-m", "llmctl", "convert", str(source), "-o", str(out)]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A shell runs background jobs with SIGINT ignored, and children inherit that: give the child the
+    # default disposition, as a terminal's foreground process has, so Ctrl-C behaviour is what is tested.
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def _wait_for_temporary(parent, proc, timeout=60):
