@@ -202,3 +202,32 @@ def test_a_recipe_and_models_on_the_command_line_conflict(cli, family, tmp_path)
     recipe.write_text(f"merge_method: linear\nmodels: [{{model: {ft1}}}]\n")
     result = cli("merge", ft2, "--config", recipe, "-o", tmp_path / "out")
     assert result.exit_code == 2 and "not both" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's error")
+def test_device_cuda_without_a_gpu_is_a_one_line_error_and_writes_nothing(cli, family, tmp_path):
+    base, (ft1, ft2, _) = family
+    result = cli(
+        "merge", ft1, ft2, "--linear", "--weights", "1,1", "--device", "cuda", "-o", tmp_path / "out"
+    )
+    assert result.exit_code == 1
+    assert "no CUDA GPU is available" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["--ties", "--dare-linear", "--task-arithmetic"])
+def test_device_cuda_gives_the_cpu_result(cli, family, tmp_path, method):
+    base, (ft1, ft2, _) = family
+    common = ["merge", "--base", base, ft1, ft2, method, "--weights", "0.6,0.4", "--quiet"]
+    if method != "--task-arithmetic":
+        common += ["--density", "0.5"]
+    assert cli(*common, "-o", tmp_path / "cpu").exit_code == 0
+    assert cli(*common, "--device", "cuda", "-o", tmp_path / "gpu").exit_code == 0
+    cpu, gpu = _tensors(tmp_path / "cpu"), _tensors(tmp_path / "gpu")
+    assert cpu.keys() == gpu.keys()
+    for name in cpu:
+        if method == "--dare-linear":  # the GPU's random stream differs: compare what is deterministic
+            assert cpu[name].shape == gpu[name].shape and cpu[name].dtype == gpu[name].dtype
+        else:
+            assert torch.allclose(cpu[name], gpu[name], atol=1e-6), name

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
 import torch
 
 
@@ -87,3 +90,143 @@ def bernoulli(
 
 
 SPARSIFIERS = {"magnitude": magnitude, "magnitude_outliers": magnitude_outliers, "random": bernoulli}
+
+
+# --- Streamed selection: the same kept sets, decided over a task vector read in chunks -----------------
+#
+# A large tensor (an embedding) would otherwise need several full-size temporaries per model (the delta,
+# its magnitudes, the k-th value search's copy, masks). The streamed path reads each delta in chunks,
+# finds the cut by radix selection on the magnitudes' bit patterns (for non-negative float32 values the
+# int32 bit patterns sort like the values), and returns a function that masks each chunk in the merge
+# pass. The reference functions above stay the definition; tests hold the two equal.
+
+HIGH_BINS = 1 << 15  # sign bit clear: the top 16 bits of a non-negative float32 are < 2**15
+LOW_BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The value at one ascending rank of a multiset, with the counts below it and equal to it."""
+
+    value: float
+    below: int
+    equal: int
+
+
+def order_statistics(chunks: Callable[[], Iterator[torch.Tensor]], ranks: Sequence[int]) -> list[Cut]:
+    """Exact values at 1-based ascending ``ranks`` of non-negative float32 values streamed by ``chunks()``.
+
+    Two passes: a histogram of the top 16 bits, then, inside each bin holding a wanted rank, a histogram of
+    the low 16 bits. Memory: the histograms and one chunk.
+    """
+    high = torch.zeros(HIGH_BINS, dtype=torch.int64)
+    for chunk in chunks():
+        high += torch.bincount((chunk.view(torch.int32) >> 16).long(), minlength=HIGH_BINS)
+    high_cum = high.cumsum(0)
+    wanted = []  # (rank, bin, count below the bin)
+    for rank in ranks:
+        b = int(torch.searchsorted(high_cum, torch.tensor(rank)))
+        wanted.append((rank, b, int(high_cum[b - 1]) if b else 0))
+    bins = sorted({b for _, b, _ in wanted})
+    low = {b: torch.zeros(LOW_BINS, dtype=torch.int64) for b in bins}
+    for chunk in chunks():
+        bits = chunk.view(torch.int32)
+        top = bits >> 16
+        for b in bins:
+            low[b] += torch.bincount((bits[top == b] & 0xFFFF).long(), minlength=LOW_BINS)
+    cuts = []
+    for rank, b, below_bin in wanted:
+        low_cum = low[b].cumsum(0)
+        j = int(torch.searchsorted(low_cum, torch.tensor(rank - below_bin)))
+        value = torch.tensor([(b << 16) | j], dtype=torch.int32).view(torch.float32).item()
+        below = below_bin + (int(low_cum[j - 1]) if j else 0)
+        cuts.append(Cut(value, below, int(low[b][j])))
+    return cuts
+
+
+def streamed(
+    kind: str,
+    chunks: Callable[[], Iterator[torch.Tensor]],
+    n: int,
+    density: float,
+    *,
+    rescale: bool = False,
+    gamma: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Plan ``SPARSIFIERS[kind]`` over a float32 CPU delta of ``n`` entries that ``chunks()`` yields in order.
+
+    Returns ``apply(chunk)``, to be called on the same chunks in the same order, giving the reference's
+    result chunk by chunk. ``generator`` advances exactly as the reference's draw would. When magnitudes
+    tie across the cut (common: fine-tuned deltas are multiples of a few ulps), which tied entries survive
+    is decided as the reference decides it, by a sort of the whole magnitude vector: that one step needs
+    the full-size temporaries the streamed path otherwise avoids.
+    """
+    if density >= 1:
+        return lambda d: d
+    if kind == "random":
+        assert generator is not None
+        replay = torch.Generator()
+        replay.set_state(generator.get_state())
+        select = _bernoulli_draws(generator, density)  # planning advances the caller's generator...
+        draw = _bernoulli_draws(replay, density)  # ...and the merge pass replays the same draws
+        if not rescale:
+            for d in chunks():
+                select(d)
+    elif kind in ("magnitude", "magnitude_outliers"):
+        draw = select = _magnitude_selection(kind, chunks, n, density, gamma)
+    else:
+        raise ValueError(f"unknown sparsifier {kind!r}")
+    scale = None
+    if rescale:
+        before = after = 0.0
+        for d in chunks():
+            before += d.abs().sum(dtype=torch.float64).item()
+            after += (d * select(d)).abs().sum(dtype=torch.float64).item()
+        if before >= 1e-7 and after >= 1e-7:
+            scale = torch.tensor(before / after, dtype=torch.float32)
+
+    def apply(d: torch.Tensor) -> torch.Tensor:
+        masked = d * draw(d)
+        return masked * scale if scale is not None else masked
+
+    return apply
+
+
+def _bernoulli_draws(generator: torch.Generator, density: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda d: torch.bernoulli(torch.full_like(d, density), generator=generator).bool()
+
+
+def _magnitude_selection(kind, chunks, n, density, gamma) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-chunk keep masks for ``magnitude`` (largest k) or ``magnitude_outliers`` (ranks in a window)."""
+    if kind == "magnitude":
+        k = max(1, int(density * n))
+        lo_rank, hi_rank = n - k + 1, n
+    else:
+        keep = int(density * n)
+        if keep == 0:
+            return lambda d: torch.zeros_like(d, dtype=torch.bool)
+        n_bottom = max(0, n - keep - int(gamma * n))
+        lo_rank, hi_rank = n_bottom + 1, n_bottom + keep
+    lo, hi = order_statistics(lambda: (d.abs_() for d in chunks()), [lo_rank, hi_rank])
+    if lo.below == lo_rank - 1 and hi.below + hi.equal == hi_rank:  # no tie across either cut
+        return lambda d: (d.abs() >= lo.value) & (d.abs() <= hi.value)
+    w = torch.empty(n)
+    offset = 0
+    for d in chunks():
+        w[offset : offset + d.numel()] = d.abs_()
+        offset += d.numel()
+    mask = torch.zeros(n, dtype=torch.bool)
+    if kind == "magnitude":
+        mask[torch.argsort(w, descending=True)[:k]] = True  # the reference's (and mergekit's) tie order
+    else:
+        mask[torch.sort(w, descending=False).indices[lo_rank - 1 : hi_rank]] = True
+    del w
+    state = {"offset": 0}
+
+    def select(d: torch.Tensor) -> torch.Tensor:
+        start = state["offset"]
+        state["offset"] = 0 if start + d.numel() >= n else start + d.numel()  # each pass restarts at 0
+        return mask[start : start + d.numel()]
+
+    return select

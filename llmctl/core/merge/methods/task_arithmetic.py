@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.core.merge.methods.base import Inputs, MergeMethod, Param, Scope
-from llmctl.core.merge.methods.sparsify import SPARSIFIERS
+from llmctl.core.merge.methods.sparsify import SPARSIFIERS, streamed
+
+STREAM_MIN = 1 << 22  # tensors with at least this many entries are merged in chunks (CPU, float32)
+CHUNK = 1 << 20
 
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
@@ -35,26 +38,26 @@ class TaskArithmetic(MergeMethod):
 
     def merge(self, inputs: Inputs) -> torch.Tensor:
         base = inputs.tensors[inputs.base]
-        others = inputs.non_base
-        if not others:
+        if not inputs.non_base:
             return base
-        shared = inputs.shared
-        deltas = base.new_empty((len(others), *base.shape))  # [models, *shape]
-        for row, i in enumerate(others):
-            delta = inputs.tensors[i] - base
-            if self.sparsify:
-                kwargs = (
-                    {"gamma": inputs.per_input[i]["gamma"]} if self.sparsify == "magnitude_outliers" else {}
-                )
-                if self.sparsify == "random":
-                    kwargs = {"generator": inputs.generator}
-                delta = SPARSIFIERS[self.sparsify](
-                    delta, inputs.per_input[i]["density"], rescale=shared["rescale"], **kwargs
-                )
-            deltas[row] = delta
-        weights = torch.tensor(
-            [inputs.per_input[i]["weight"] for i in others], dtype=deltas.dtype, device=deltas.device
-        ).reshape(-1, *([1] * base.dim()))
+        if base.numel() >= STREAM_MIN and base.device.type == "cpu" and base.dtype == torch.float32:
+            return self._merge_streamed(inputs)
+        return self._merge_whole(inputs)
+
+    def _sparsifier_kwargs(self, inputs: Inputs, i: int) -> dict:
+        if self.sparsify == "magnitude_outliers":
+            return {"gamma": inputs.per_input[i]["gamma"]}
+        if self.sparsify == "random":
+            return {"generator": inputs.generator}
+        return {}
+
+    def _weights(self, inputs: Inputs, like: torch.Tensor, dims: int) -> torch.Tensor:
+        return torch.tensor(
+            [inputs.per_input[i]["weight"] for i in inputs.non_base], dtype=like.dtype, device=like.device
+        ).reshape(-1, *([1] * dims))
+
+    def _combine(self, deltas: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:
+        """Steps 2-4 on stacked sparsified task vectors ``[models, ...]``: weight, elect, sum, scale."""
         deltas.mul_(weights)
         if self.consensus:
             mask = sign_consensus(deltas).to(deltas.dtype)
@@ -69,7 +72,59 @@ class TaskArithmetic(MergeMethod):
             delta /= divisor
         if shared["lambda"] != 1:
             delta *= shared["lambda"]
+        return delta
+
+    def _merge_whole(self, inputs: Inputs) -> torch.Tensor:
+        """The reference: every task vector whole, stacked."""
+        base = inputs.tensors[inputs.base]
+        others = inputs.non_base
+        deltas = base.new_empty((len(others), *base.shape))  # [models, *shape]
+        for row, i in enumerate(others):
+            delta = inputs.tensors[i] - base
+            if self.sparsify:
+                delta = SPARSIFIERS[self.sparsify](
+                    delta,
+                    inputs.per_input[i]["density"],
+                    rescale=inputs.shared["rescale"],
+                    **self._sparsifier_kwargs(inputs, i),
+                )
+            deltas[row] = delta
+        delta = self._combine(deltas, self._weights(inputs, deltas, base.dim()), inputs.shared)
         return (base + delta).to(base.dtype)
+
+    def _merge_streamed(self, inputs: Inputs) -> torch.Tensor:
+        """The same result in chunks of ``CHUNK`` entries, so a large tensor (an embedding) needs memory for
+        the inputs and the output plus one chunk's temporaries (see ``streamed`` for ties at a cut)."""
+        base = inputs.tensors[inputs.base].reshape(-1)
+        n = base.numel()
+        spans = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+        flat = {i: inputs.tensors[i].reshape(-1) for i in inputs.non_base}
+
+        def chunks(x: torch.Tensor):
+            return lambda: (x[s:e] - base[s:e] for s, e in spans)
+
+        appliers = {}
+        for i in inputs.non_base:
+            if not self.sparsify:
+                appliers[i] = None
+                continue
+            appliers[i] = streamed(
+                self.sparsify,
+                chunks(flat[i]),
+                n,
+                inputs.per_input[i]["density"],
+                rescale=inputs.shared["rescale"],
+                **self._sparsifier_kwargs(inputs, i),
+            )
+        weights = self._weights(inputs, base, 1)
+        out = torch.empty_like(base)
+        for s, e in spans:
+            deltas = base.new_empty((len(flat), e - s))
+            for row, (i, x) in enumerate(flat.items()):
+                delta = x[s:e] - base[s:e]
+                deltas[row] = appliers[i](delta) if appliers[i] else delta
+            out[s:e] = base[s:e] + self._combine(deltas, weights, inputs.shared)
+        return out.reshape(inputs.tensors[inputs.base].shape)
 
 
 def _params(normalize: bool, rescale: bool, gamma: bool = False) -> tuple[Param, ...]:
