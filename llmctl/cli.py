@@ -14,16 +14,20 @@ import llmctl.core  # noqa: F401 - environment defaults (offline, quiet third-pa
 from llmctl import __version__
 from llmctl.core.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
-app = typer.Typer(
-    name="llmctl",
-    help="One command-line toolkit for the life of a language model, over JSONL.",
-    epilog="Run 'llmctl COMMAND --help' for a command's options and examples.",
-    invoke_without_command=True,
-    add_completion=False,  # static scripts live in completions/ (see `make completions`)
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+
+def _new_app() -> typer.Typer:
+    app = typer.Typer(
+        name="llmctl",
+        help="One command-line toolkit for the life of a language model, over JSONL.",
+        epilog="Run 'llmctl COMMAND --help' for a command's options and examples.",
+        invoke_without_command=True,
+        add_completion=False,  # static scripts live in completions/ (see `make completions`)
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(root)
+    return app
 
 
 def _version(value: bool) -> None:
@@ -32,7 +36,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(
     ctx: typer.Context,
     version: Annotated[
@@ -69,9 +72,27 @@ def _keep_lines(epilog: str) -> str:
     return "\n\n".join("\b\n" + p if p.startswith(" ") else p for p in epilog.split("\n\n"))
 
 
-for _name, _module_path in COMMANDS.items():
-    _module = importlib.import_module(_module_path)
-    app.command(_name, help=_module.HELP, epilog=_keep_lines(_module.EPILOG))(_module.main)
+def build_app(names: list[str] | None = None) -> typer.Typer:
+    """The Typer app with the given subcommands (all by default). Each command module is imported only
+    here, so a run of one command imports that command's module alone (faster start in pipelines)."""
+    app = _new_app()
+    for name in names or COMMANDS:
+        module = importlib.import_module(COMMANDS[name])
+        app.command(name, help=module.HELP, epilog=_keep_lines(module.EPILOG))(module.main)
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":  # the full app, built on first use (tests, completions)
+        app = globals()["app"] = build_app()
+        return app
+    raise AttributeError(name)
+
+
+def _invoked(argv: list[str]) -> list[str] | None:
+    """``[command]`` when the first word of ``argv`` names a subcommand, else None (root help, --version,
+    or a usage error that should list every command)."""
+    return [argv[0]] if argv and argv[0] in COMMANDS else None
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001
@@ -82,9 +103,10 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: like ``app()``, but usage errors are one line, as every other error is."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = typer.main.get_command(build_app(_invoked(args)))
     try:
-        code = command.main(args=argv, prog_name="llmctl", standalone_mode=False)
+        code = command.main(args=args, prog_name="llmctl", standalone_mode=False)
     except TyperException as e:  # usage errors: unknown option, missing argument, bad value (exit 2)
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "llmctl"

@@ -111,6 +111,23 @@ def test_starting_the_cli_does_not_import_torch_or_transformers():
     import subprocess
     import sys
 
-    code = "import sys, llmctl.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = (
+        "import sys; from llmctl.cli import app; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_running_one_command_imports_only_that_command_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmctl.cli\n"
+        "try:\n    llmctl.cli.main(['dedup', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('llmctl.commands.')), file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--method" in done.stdout
+    assert done.stderr.strip() == "['llmctl.commands.dedup']"
