@@ -10,6 +10,7 @@ with its peak memory (RSS) per document.
 
     python benchmarks/dedup.py                      # GSM8K train + planted copies, 2 workers, median of 3
     python benchmarks/dedup.py --scale 1000000      # ... and a 1M-document synthetic corpus
+    python benchmarks/dedup.py --docs 100000        # 100k GSM8K-sized documents for both tools
     python benchmarks/dedup.py --quick              # synthetic data, seconds; peer skipped if absent
 """
 
@@ -102,7 +103,9 @@ def plant(texts: list[str], rng: random.Random, every: int = 10) -> list[tuple[i
     return pairs
 
 
-def make_corpus(path: Path, quick: bool, synthetic: int = 0) -> list[tuple[int, int, float]]:
+def make_corpus(path: Path, quick: bool, synthetic: int = 0, docs: int = 0) -> list[tuple[int, int, float]]:
+    """The benchmark corpus: GSM8K train (or, with ``docs``, that many GSM8K-sized documents, each the
+    question of one item and the answer of another, so they are distinct) plus planted near-duplicates."""
     rng = random.Random(0)
     if synthetic:
         vocab = [f"w{i}" for i in range(50_000)]
@@ -114,9 +117,16 @@ def make_corpus(path: Path, quick: bool, synthetic: int = 0) -> list[tuple[int, 
         vocab = [f"w{i}" for i in range(3000)]
         texts = [" ".join(rng.choices(vocab, k=60)) for _ in range(300)]
     else:
-        texts = [
-            (r := json.loads(line))["question"] + "\n" + r["answer"] for line in GSM8K.open(encoding="utf-8")
-        ]
+        items = [json.loads(line) for line in GSM8K.open(encoding="utf-8")]
+        texts = [r["question"] + "\n" + r["answer"] for r in items]
+        if docs:
+            base = int(docs / 1.1)  # plant() adds one copy per 10 documents
+            pairs_seen = {(i, i) for i in range(len(items))}
+            while len(texts) < base:
+                q, a = rng.randrange(len(items)), rng.randrange(len(items))
+                if (q, a) not in pairs_seen:
+                    pairs_seen.add((q, a))
+                    texts.append(items[q]["question"] + "\n" + items[a]["answer"])
     pairs = plant(texts, rng)
     with open(path, "w", encoding="utf-8") as out:
         for i, t in enumerate(texts):
@@ -154,13 +164,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scale", type=int, default=0, help="also dedup N synthetic documents (llmctl only)")
+    parser.add_argument(
+        "--docs", type=int, default=0, help="~N GSM8K-sized documents instead of GSM8K train (both tools)"
+    )
     args = parser.parse_args()
     have_peer = importlib.util.find_spec("datasketch") is not None
     repeats = 1 if args.quick else args.repeats
     with tempfile.TemporaryDirectory(prefix="llmctl-bench-") as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus.jsonl"
-        pairs = make_corpus(corpus, args.quick)
+        pairs = make_corpus(corpus, args.quick, docs=args.docs)
         docs = sum(1 for _ in corpus.open())
         ours = [timed(llmctl_cmd(corpus, tmp / "a.jsonl", args.workers))[0] for _ in range(repeats)]
         r_ours = recall(tmp / "a.jsonl", pairs)

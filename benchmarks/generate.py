@@ -25,6 +25,15 @@ from _common import bench_model
 import llmctl.core  # noqa: F401 - offline, quiet
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
+# The "copy" workload: an instruction whose answer repeats text from the prompt (extraction, editing,
+# quoting), where drafts are accepted often. The passage is written for this benchmark.
+PASSAGE = (
+    "The lighthouse keeper climbed the spiral stairs every evening at six. He cleaned the great lens with "
+    "a soft cloth, trimmed the wick, and wrote the weather in a leather book: wind from the north-west, "
+    "light rain, two fishing boats returning before dark. In forty years he had missed only one evening, "
+    "the night his daughter was born, and even then he had asked his neighbour to light the lamp."
+)
+COPY_PROMPT = f"Repeat the following text exactly, word for word.\n\n{PASSAGE}"
 
 
 def median_time(fn, repeats: int) -> float:
@@ -47,6 +56,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--draft-layers", type=int, default=0, help="layers kept in the draft (0: a quarter)")
+    parser.add_argument("--draft", help="a draft model directory (e.g. from llmctl prune) instead")
+    parser.add_argument(
+        "--workload",
+        choices=("story", "copy"),
+        default="story",
+        help="story: an open-ended prompt; copy: the answer repeats a passage of the prompt (chat template)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,7 +81,13 @@ def main() -> None:
     engine = load_engine(str(model_dir), device="cpu", dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tokenizer(PROMPT)["input_ids"]
+    if args.workload == "copy" and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": COPY_PROMPT}], add_generation_prompt=True, tokenize=True
+        )
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else:
+        ids = tokenizer(COPY_PROMPT if args.workload == "copy" else PROMPT)["input_ids"]
     params = SamplingParams(max_tokens=new, ignore_eos=True)
 
     def ours(batch: int):
@@ -85,7 +107,8 @@ def main() -> None:
         t_ours, t_hf = median_time(ours(batch), repeats), median_time(theirs(batch), repeats)
         rows.append((batch, batch * new / t_ours, batch * new / t_hf))
     llama = _llama_cpp(model_dir, ids, new, repeats, Path(tmp.name))
-    print(f"model: {model_dir}; prompt {len(ids)} tokens; {new} new tokens; median of {repeats}")
+    print(f"model: {model_dir}; {args.workload} prompt, {len(ids)} tokens; {new} new tokens")
+    print(f"median of {repeats} run(s)")
     print(f"torch threads {torch.get_num_threads()}; greedy tokens identical to transformers: {same}")
     print(f"{'batch':>6}{'llmctl tok/s':>16}{'transformers tok/s':>22}{'ratio':>8}")
     for batch, a, b in rows:
@@ -93,33 +116,38 @@ def main() -> None:
     if llama is not None:
         print(f"llama.cpp (llama-cpp-python, same weights as GGUF f32), batch 1: {llama:.1f} tok/s")
     b1 = rows[0][1]
-    _accelerators(engine, model_dir, ids, params, new, repeats, b1, args.draft_layers, Path(tmp.name))
+    _accelerators(engine, model_dir, ids, params, new, repeats, b1, args, Path(tmp.name))
     scaling = rows[1][1] / b1
     print(
         f"batch-{big} throughput / batch-1: {scaling:.2f}x; batch-1 vs transformers: {b1 / rows[0][2]:.2f}x"
     )
 
 
-def _accelerators(engine, model_dir, ids, params, new, repeats, plain_tps, draft_layers, tmp) -> None:
+def _accelerators(engine, model_dir, ids, params, new, repeats, plain_tps, args, tmp) -> None:
     from llmctl.core.generate.engine import Request
     from llmctl.core.generate.lookup import LookupStats, generate_lookahead, generate_lookup
     from llmctl.core.generate.run import load_engine
     from llmctl.core.generate.speculative import generate_speculative
 
-    keep = draft_layers or max(1, engine.model.args.n_layers // 4)
-    draft = load_engine(str(_layer_dropped(model_dir, keep, tmp)), device="cpu", dtype="float32")
+    if args.draft:
+        draft = load_engine(args.draft, device="cpu", dtype="float32")
+        label = f"{Path(args.draft).name} ({draft.model.args.n_layers} layers)"
+    else:
+        keep = args.draft_layers or max(1, engine.model.args.n_layers // 4)
+        draft = load_engine(str(_layer_dropped(model_dir, keep, tmp)), device="cpu", dtype="float32")
+        label = f"first {keep} layers"
     ways = {
-        f"speculative, draft = first {keep} layers, k=4": lambda s: generate_speculative(
+        f"speculative, draft = {label}, k=4": lambda s: generate_speculative(
             engine, draft, Request(ids, params), num_draft=4, stats=s
         ),
         "prompt lookup, k=8": lambda s: generate_lookup(engine, Request(ids, params), num_draft=8, stats=s),
         "lookahead, window 5": lambda s: generate_lookahead(engine, Request(ids, params), window=5, stats=s),
     }
-    print(f"{'batch-1 exact greedy':<44}{'tok/s':>8}{'vs plain':>10}{'accepted':>10}")
+    print(f"{'batch-1 exact greedy':<56}{'tok/s':>8}{'vs plain':>10}{'accepted':>10}")
     for name, run in ways.items():
         stats = LookupStats()
         seconds = median_time(lambda run=run, stats=stats: run(stats), repeats)
-        print(f"{name:<44}{new / seconds:>8.1f}{new / seconds / plain_tps:>9.2f}x{stats.acceptance:>10.0%}")
+        print(f"{name:<56}{new / seconds:>8.1f}{new / seconds / plain_tps:>9.2f}x{stats.acceptance:>10.0%}")
 
 
 def _layer_dropped(model_dir: Path, keep: int, tmp: Path) -> Path:
