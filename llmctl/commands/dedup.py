@@ -19,6 +19,7 @@ from llmctl.core.dedup import (
     build_eval_grams,
     cluster_records,
     decontaminate,
+    kept_line_numbers,
     run_dedup,
 )
 from llmctl.core.dedup.source import TwoPassInput, nonempty_text
@@ -208,8 +209,12 @@ def main(
                 index=store, stats=stats,
             )  # fmt: skip
         with open_writer(output, force=force) as writer:
-            for record in apply_clustering(source.second_pass(), clustering, mark=mark):
-                writer.write(record)
+            if not mark and source.lines_pass_through:  # kept lines copied as they are: no JSON round trip
+                for line in source.kept_lines(kept_line_numbers(clustering)):
+                    writer.write_line(line)
+            else:
+                for record in apply_clustering(source.second_pass(), clustering, mark=mark):
+                    writer.write(record)
         if clusters is not None:
             with open_writer(clusters, force=force) as writer:
                 for record in cluster_records(clustering):

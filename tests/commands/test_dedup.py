@@ -36,6 +36,23 @@ def test_minhash_removes_near_copies_and_keeps_order_and_fields(cli, data):
     assert "51 documents, 11 duplicates removed in 11 clusters, 40 kept" in result.stderr
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_kept_records_are_the_input_lines_byte_for_byte(cli, tmp_path, suffix):
+    import gzip
+
+    lines = [
+        json.dumps(r, ensure_ascii=True, indent=None, separators=(", ", ": "))  # not llmctl's own style
+        for r in [{"text": "caf\u00e9 " + t, "z": 1, "a": [1.50, None]} for t in ("one two", "three")]
+    ]
+    lines.insert(1, lines[0])  # an exact copy, removed
+    body = "\r\n".join(lines) + "\r\n\n"  # CRLF endings and a blank line
+    path = tmp_path / f"in{suffix}"
+    path.write_bytes(gzip.compress(body.encode()) if suffix.endswith(".gz") else body.encode())
+    result = cli("dedup", path, "--method", "exact", "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out.jsonl").read_text() == lines[0] + "\n" + lines[2] + "\n"
+
+
 def test_mark_and_clusters_file_name_every_member(cli, data, tmp_path):
     clusters = tmp_path / "clusters.jsonl"
     result = cli("dedup", data, "--mark", "--clusters", clusters)

@@ -9,6 +9,7 @@ from llmctl.core.dedup.pipeline import (
     DedupStats,
     apply_clustering,
     cluster_records,
+    kept_line_numbers,
     run_dedup,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "build_eval_grams",
     "cluster_records",
     "decontaminate",
+    "kept_line_numbers",
     "run_dedup",
 ]

@@ -260,6 +260,12 @@ def apply_clustering(
             yield record.data
 
 
+def kept_line_numbers(clustering: Clustering) -> list[int]:
+    """The ``file:line`` line numbers of this run's kept documents, in input order (one input file)."""
+    lines = np.frombuffer(clustering.wheres.lines, dtype=np.int64) if len(clustering.wheres.lines) else None
+    return [] if lines is None else lines[clustering.kept].tolist()
+
+
 def cluster_records(clustering: Clustering) -> Iterator[dict[str, Any]]:
     """One audit record per cluster of two or more: its id, size, kept member and members (file:line)."""
     members: dict[int, list[int]] = {r: [] for r in clustering.sizes}

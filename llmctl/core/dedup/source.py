@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.core.io import ReadStats, Record, read_records
-from llmctl.core.io.jsonl import STDIN, text_extractor
+from llmctl.core.io import ReadStats, Record, open_input, read_records
+from llmctl.core.io.jsonl import STDIN, is_text_path, text_extractor
 
 
 def nonempty_text(text_field: str) -> Callable[[dict], tuple[Any, str | None]]:
@@ -46,3 +46,24 @@ class TwoPassInput:
             yield from self._kept
         else:
             yield from self._read(ReadStats())
+
+    @property
+    def lines_pass_through(self) -> bool:
+        """Whether :meth:`kept_lines` can give the kept records as their original JSONL lines."""
+        return self.path != STDIN and not self.whole_file and not is_text_path(self.path)
+
+    def kept_lines(self, line_numbers: Iterable[int]) -> Iterator[str]:
+        """Pass two without parsing: the input lines at ``line_numbers`` (ascending, 1-based, as
+        ``Record.line`` counts them), as they are in the file minus the line ending. Every field passes
+        through untouched, byte for byte, and no JSON is parsed or written again."""
+        wanted = iter(line_numbers)
+        target = next(wanted, None)
+        if target is None:
+            return
+        with open_input(self.path) as stream:
+            for line_no, raw in enumerate(stream, start=1):
+                if line_no == target:
+                    yield raw.decode("utf-8").rstrip("\r\n")
+                    target = next(wanted, None)
+                    if target is None:
+                        return

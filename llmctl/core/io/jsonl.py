@@ -99,7 +99,8 @@ def open_input(path: str) -> IO[bytes]:
     return stream
 
 
-def _is_text_path(path: str) -> bool:
+def is_text_path(path: str) -> bool:
+    """Whether ``path`` is read as plain text (one document per line) rather than JSONL, by its suffix."""
     suffixes = [s.lower() for s in Path(path).suffixes]
     while suffixes and suffixes[-1] in (".gz", ".zst", ".zstd"):
         suffixes.pop()
@@ -128,7 +129,7 @@ def read_records(
     if extract is None and text_field is not None:
         extract = text_extractor(text_field)
     name = display_name(path)
-    as_text = input_format == "text" or whole_file or (input_format == "auto" and _is_text_path(path))
+    as_text = input_format == "text" or whole_file or (input_format == "auto" and is_text_path(path))
     stream = open_input(path)
     try:
         lines = _text_lines(stream, name, whole_file, text_field or "text") if as_text else None

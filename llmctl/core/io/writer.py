@@ -28,7 +28,12 @@ class RecordWriter:
         self.count = 0
 
     def write(self, obj: dict[str, Any]) -> None:
-        self._stream.write(dumps(obj) + "\n")
+        self.write_line(dumps(obj))
+
+    def write_line(self, line: str) -> None:
+        """One record already serialised as a JSON object on one line (e.g. an input line passed through
+        byte for byte), without its newline."""
+        self._stream.write(line + "\n")
         if self._flush_each:
             self._stream.flush()
         self.count += 1
