@@ -160,9 +160,20 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 300) ->
 class LlmctlServer:
     """``llmctl serve`` as a subprocess (full runs) or on a thread of this process (--quick)."""
 
-    def __init__(self, model: str, *, in_process: bool, prefix_caching: bool = True, max_num_seqs: int = 64):
+    def __init__(
+        self,
+        model: str,
+        *,
+        in_process: bool,
+        prefix_caching: bool = True,
+        max_num_seqs: int = 64,
+        draft: str | None = None,
+        num_draft_tokens: int = 4,
+        prompt_lookup: int = 0,
+    ):
         self.model, self.in_process = model, in_process
         self.prefix_caching, self.max_num_seqs = prefix_caching, max_num_seqs
+        self.draft, self.num_draft_tokens, self.prompt_lookup = draft, num_draft_tokens, prompt_lookup
 
     def __enter__(self) -> str:
         if self.in_process:
@@ -170,14 +181,24 @@ class LlmctlServer:
             from llmctl.core.serve.engine import ServeConfig
             from llmctl.core.serve.server import create_server, start_in_thread
 
-            config = ServeConfig(prefix_caching=self.prefix_caching, max_num_seqs=self.max_num_seqs)
+            config = ServeConfig(
+                prefix_caching=self.prefix_caching,
+                max_num_seqs=self.max_num_seqs,
+                num_draft_tokens=self.num_draft_tokens,
+                prompt_lookup=self.prompt_lookup,
+            )
             engine = load_engine(self.model)
-            self.server = start_in_thread(create_server(engine, config, port=0, model_name="m"))
+            draft = load_engine(self.draft) if self.draft else None
+            self.server = start_in_thread(create_server(engine, config, port=0, model_name="m", draft=draft))
             return self.server.url
         cmd = [sys.executable, "-m", "llmctl", "serve", self.model, "--port", "0", "--served-model-name", "m",
                "--max-num-seqs", str(self.max_num_seqs)]  # fmt: skip
         if not self.prefix_caching:
             cmd.append("--no-prefix-caching")
+        if self.draft:
+            cmd += ["--draft", self.draft, "--num-draft-tokens", str(self.num_draft_tokens)]
+        if self.prompt_lookup:
+            cmd += ["--prompt-lookup", str(self.prompt_lookup)]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
         port = None
         while port is None:
@@ -264,6 +285,16 @@ def main() -> None:
         "--system-tokens", type=int, default=1000, help="shared system prompt length (approx.)"
     )
     parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp's server")
+    parser.add_argument(
+        "--draft", help="also run concurrency 1 with this draft model (speculative decoding; same tokenizer)"
+    )
+    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        help="also run concurrency 1 with prompt-lookup speculation (K)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON lines")
     args = parser.parse_args()
 
@@ -312,6 +343,34 @@ def main() -> None:
                 f"llmctl shared prefix, cache off c={prefix_conc}", results, wall, tokenizer, prefix_prompts
             )
         )
+    spec_lines = []
+    speculative = [
+        ("draft", dict(draft=args.draft, num_draft_tokens=args.num_draft_tokens), args.num_draft_tokens)
+    ]
+    speculative.append(("prompt lookup", dict(prompt_lookup=args.prompt_lookup), args.prompt_lookup))
+    for label, options, k in speculative:
+        if not k or (label == "draft" and not args.draft):
+            continue
+        with LlmctlServer(model, in_process=in_process, **options) as url:
+            asyncio.run(run_load(url, "m", prompts_for(2), 2, 2))
+            results, wall = asyncio.run(run_load(url, "m", c1_prompts, max_tokens, 1))
+            rows.append(summarize(f"llmctl c=1 + {label}", results, wall, tokenizer, c1_prompts))
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+
+        def counter(name: str, metrics: str = metrics) -> float:
+            m = re.search(rf"^llmctl:{name}_total\{{[^}}]*\}} (\S+)$", metrics, re.M)
+            return float(m[1]) if m else float("nan")
+
+        drafted, accepted = (
+            counter("spec_decode_num_draft_tokens"),
+            counter("spec_decode_num_accepted_tokens"),
+        )
+        plain, spec = rows[0]["out_tok_per_s"], rows[-1]["out_tok_per_s"]
+        spec_lines.append(
+            f"speculative decoding by {label} (c=1, up to {k} tokens): output {plain:.1f} -> "
+            f"{spec:.1f} tok/s ({spec / plain:.2f}x), acceptance {accepted / max(drafted, 1):.1%}"
+        )
     peer_row = None
     if not args.quick and not args.no_peer and llama_cpp_available() and model.endswith(".gguf"):
         try:
@@ -339,6 +398,8 @@ def main() -> None:
     on = by[f"llmctl shared prefix, cache on c={prefix_conc}"]["ttft_p50_ms"]
     off = by[f"llmctl shared prefix, cache off c={prefix_conc}"]["ttft_p50_ms"]
     print(f"prefix caching: median TTFT {off:.0f} ms -> {on:.0f} ms ({off / on:.2f}x lower)")
+    for line in spec_lines:
+        print(line)
     if peer_row is not None:
         print(f"concurrency {conc} vs 1 (llmctl total tokens/s): {scale:.2f}x")
         ratio = by[f"llmctl c={conc}"]["total_tok_per_s"] / peer_row["total_tok_per_s"]

@@ -13,7 +13,8 @@ from llmctl.core.options import ConfigOpt, DebugOpt, DeviceOpt, DtypeOpt, QuietO
 
 HELP = """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
 /health, /metrics, /tokenize, /detokenize) with continuous batching, a paged KV cache of fixed-size
-blocks, automatic prefix caching and chunked prefill. Stops cleanly (exit 0) on Ctrl-C or SIGTERM."""
+blocks, automatic prefix caching, chunked prefill and optional speculative decoding with a draft model
+(--draft). Stops cleanly (exit 0) on Ctrl-C or SIGTERM."""
 
 EPILOG = """Examples:
 
@@ -56,8 +57,24 @@ def main(
         float, typer.Option("--shutdown-timeout", min=0.0, help="Seconds to finish requests on shutdown.")
     ] = 30.0,
     draft: Annotated[
-        str | None, typer.Option("--draft", help="Draft model for speculative decoding (not supported yet).")
+        str | None,
+        typer.Option("--draft", help="Draft model (same tokenizer) for speculative decoding."),
     ] = None,
+    num_draft_tokens: Annotated[
+        int,
+        typer.Option("--num-draft-tokens", min=1, help="Tokens the draft proposes per step (with --draft)."),
+    ] = 4,
+    prompt_lookup: Annotated[
+        int,
+        typer.Option(
+            "--prompt-lookup",
+            min=0,
+            help="Speculative decoding without a draft: up to K tokens by prompt lookup.",
+        ),
+    ] = 0,
+    lookup_ngram: Annotated[
+        int, typer.Option("--lookup-ngram", min=1, help="Longest n-gram matched for --prompt-lookup.")
+    ] = 3,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quiet: QuietOpt = False,
@@ -67,28 +84,36 @@ def main(
     from pathlib import Path
 
     from llmctl.core.generate.run import load_engine
-    from llmctl.core.serve.engine import ServeConfig
+    from llmctl.core.serve.engine import ServeConfig, acceptance_line
     from llmctl.core.serve.server import create_server, serve_forever
 
-    if draft is not None:
-        raise UsageError("--draft (speculative decoding) is not supported by serve yet")
+    if draft is not None and prompt_lookup:
+        raise UsageError("choose one of --draft and --prompt-lookup")
     if kv_cache_memory <= 0 and num_blocks is None:
         raise UsageError("--kv-cache-memory must be above 0 (or give --num-blocks)")
     name = served_model_name or Path(model).name
     engine = load_engine(model, device=device, dtype=dtype.value)
+    draft_engine = load_engine(draft, device=device, dtype=dtype.value) if draft is not None else None
     settings = ServeConfig(
         block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        prefix_caching=not no_prefix_caching, max_waiting=max_waiting,
+        prefix_caching=not no_prefix_caching, max_waiting=max_waiting, num_draft_tokens=num_draft_tokens,
+        prompt_lookup=prompt_lookup, lookup_ngram=lookup_ngram,
     )  # fmt: skip
     server = create_server(
-        engine, settings, host=host, port=port, model_name=name, api_key=api_key, log=ui.warn
-    )
+        engine, settings, host=host, port=port, model_name=name, api_key=api_key, log=ui.warn,
+        draft=draft_engine, info=ui.info,
+    )  # fmt: skip
     core = server.core
+    spec = f", speculative decoding with {draft} ({num_draft_tokens} draft tokens)" if draft else ""
+    if prompt_lookup:
+        spec = f", speculative decoding by prompt lookup (up to {prompt_lookup} tokens)"
     ui.info(
         f"serving {name!r} on {server.url}/v1 (KV cache {core.allocator.num_blocks} blocks of {block_size} "
-        f"tokens, prefix caching {'off' if no_prefix_caching else 'on'})"
+        f"tokens, prefix caching {'off' if no_prefix_caching else 'on'}{spec})"
     )
     ui.info(f"listening on port {server.port}")
     serve_forever(server, shutdown_timeout)
+    if core.drafter is not None:
+        ui.info(acceptance_line(core.drafter.stats))
     ui.info("stopped")

@@ -336,10 +336,11 @@ def test_full_queue_is_429_and_a_stopped_engine_is_503(engine):
 
 
 def test_cli_serves_on_a_free_port_and_exits_0_on_sigterm(tiny_model):
+    """(With the model as its own --draft: the CLI's speculative path, its acceptance logged at exit.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmctl", "serve", str(tiny_model), "--port", "0", "--num-blocks", "32",
-         "--served-model-name", "t", "--api-key", "k"],
+         "--served-model-name", "t", "--api-key", "k", "--draft", str(tiny_model), "--num-draft-tokens", "2"],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
@@ -356,9 +357,11 @@ def test_cli_serves_on_a_free_port_and_exits_0_on_sigterm(tiny_model):
         assert port, "".join(lines)
         assert any(f"http://127.0.0.1:{port}/v1" in line and "'t'" in line for line in lines)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
-        assert c.completions.create(model="t", prompt="hi", max_tokens=2).usage.completion_tokens <= 2
+        out = c.completions.create(model="t", prompt="hi", max_tokens=6, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        assert "draft tokens accepted" in proc.stderr.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -392,3 +395,139 @@ def test_response_format_json_schema_gives_valid_json_and_a_bad_schema_is_400(cl
             model=NAME, messages=[{"role": "user", "content": "x"}], response_format=bad
         )
     assert "invalid json schema" in str(caught.value)
+
+
+def _lp_tokens(chunks):
+    """(tokens, token_logprobs) concatenated over streamed completion chunks."""
+    tokens, values = [], []
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs is not None:
+            tokens += c.choices[0].logprobs.tokens
+            values += c.choices[0].logprobs.token_logprobs
+    return tokens, values
+
+
+def test_streamed_chunks_carry_the_logprobs_of_their_tokens(client):
+    kwargs = dict(model=NAME, prompt="Hello", max_tokens=10, temperature=0, logprobs=2,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    full = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    tokens, values = _lp_tokens(chunks)
+    assert tokens == full.tokens and values == pytest.approx(full.token_logprobs)
+    tops = [
+        d for c in chunks if c.choices and c.choices[0].logprobs for d in c.choices[0].logprobs.top_logprobs
+    ]
+    assert [list(d) for d in tops] == [list(d) for d in full.top_logprobs]
+    offsets = [
+        o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+    ]
+    assert offsets == full.text_offset
+    messages = [{"role": "user", "content": "hi"}]
+    chat_kwargs = dict(model=NAME, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                       top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.chat.completions.create(**chat_kwargs).choices[0].logprobs.content
+    streamed = [
+        entry
+        for c in client.chat.completions.create(**chat_kwargs, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for entry in c.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in whole]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole])
+    assert all(len(e.top_logprobs) == 2 for e in streamed)
+
+
+def test_echo_returns_the_prompt_with_its_logprobs(client, tiny_model, engine):
+    from transformers import AutoModelForCausalLM
+
+    prompt = "The cat sat"
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = out.choices[0]
+    ids = engine.tokenizer(prompt)["input_ids"]
+    assert choice.text == prompt and out.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        logp = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [float(logp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert all(len(d) == 1 for d in lp.top_logprobs[1:])
+    # echo with generation, non-streamed and streamed: the prompt, then the completion
+    kwargs = dict(
+        model=NAME, prompt=prompt, max_tokens=5, temperature=0, echo=True, extra_body={"ignore_eos": True}
+    )
+    plain = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+    assert client.completions.create(**kwargs).choices[0].text == prompt + plain
+    chunks = [c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert chunks[0] == prompt and "".join(chunks) == prompt + plain
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=0)
+
+
+def test_a_list_of_prompts_gives_choices_prompt_major(client):
+    kwargs = dict(model=NAME, max_tokens=6, temperature=1.0, n=2, seed=5, extra_body={"ignore_eos": True})
+    singles = [client.completions.create(prompt=p, **kwargs) for p in ("Once", "Twice upon")]
+    both = client.completions.create(prompt=["Once", "Twice upon"], **kwargs)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [c.text for s in singles for c in s.choices]
+    assert both.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert both.usage.completion_tokens == 4 * 6
+    texts = {}
+    for c in client.completions.create(prompt=["Once", "Twice upon"], stream=True, **kwargs):
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert [texts[i] for i in range(4)] == [c.text for c in both.choices]
+    ids = client.completions.create(prompt=[[72, 105], [79, 110, 99, 101]], **kwargs)  # lists of token ids
+    assert len(ids.choices) == 4 and ids.usage.prompt_tokens == 6
+
+
+@pytest.fixture(scope="module")
+def draft_server(engine):
+    config = ServeConfig(block_size=16, num_blocks=64, max_num_seqs=8, num_draft_tokens=3)
+    s = start_in_thread(create_server(engine, config, port=0, model_name=NAME, draft=engine))
+    yield s
+    s.stop()
+
+
+def test_a_draft_model_changes_no_greedy_token_and_its_acceptance_is_in_metrics(draft_server, client):
+    spec = openai.OpenAI(base_url=draft_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    prompts = [f"Prompt {i}: " + "ab" * i for i in range(6)]
+    kwargs = dict(model=NAME, max_tokens=12, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda p: spec.completions.create(prompt=p, **kwargs).choices[0], prompts))
+    want = [client.completions.create(prompt=p, **kwargs).choices[0] for p in prompts]
+    assert [c.text for c in got] == [c.text for c in want]
+    assert [c.logprobs.token_logprobs for c in got] == [
+        pytest.approx(c.logprobs.token_logprobs, abs=1e-4) for c in want
+    ]
+    streamed = "".join(
+        c.choices[0].text for c in spec.completions.create(prompt=prompts[3], stream=True, **kwargs)
+    )
+    assert streamed == want[3].text
+    metrics = _get(draft_server.url + "/metrics")[1]
+
+    def value(name):
+        return float(re.search(rf'^llmctl:{name}_total\{{model_name="tiny"\}} (\S+)$', metrics, re.M)[1])
+
+    drafted, accepted = value("spec_decode_num_draft_tokens"), value("spec_decode_num_accepted_tokens")
+    assert drafted > 0 and accepted == drafted  # the target as its own draft: all accepted
+    _wait_idle(draft_server)
+
+
+def test_cli_refuses_a_draft_with_another_vocabulary(cli, tiny_model, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<other>"])
+    tokenizer.save_pretrained(other)
+    result = cli("serve", tiny_model, "--draft", other, "--port", "0", "--num-blocks", "8")
+    assert result.exit_code == 2
+    assert "vocabulary" in result.stderr
+    result = cli("serve", tiny_model, "--draft", tiny_model, "--prompt-lookup", "2", "--port", "0")
+    assert result.exit_code == 2 and "--prompt-lookup" in result.stderr

@@ -31,6 +31,8 @@ from llmctl.core.generate.sampling import SamplingParams, process_logits, warp
 
 SpeculativeStats = LookupStats  # rounds, drafted and accepted tokens, acceptance rate
 
+DRAFT_SEED_OFFSET = 0x5EED  # the draft's sampler is seeded with the request's seed + this (serve too)
+
 
 def check_draft(target: Engine, draft: Engine) -> None:
     """Refuse a draft whose token ids mean something else than the target's."""
@@ -103,7 +105,7 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
     target = _Side(engine, KVCache(engine.model.args, 1, total, engine.device, engine.dtype))
     small = _Side(draft, KVCache(draft.model.args, 1, total, draft.device, draft.dtype))
     gen_target = _generator(params.seed, engine.device)
-    gen_draft = _generator(params.seed + 0x5EED, draft.device)
+    gen_draft = _generator(params.seed + DRAFT_SEED_OFFSET, draft.device)
 
     out = Completion(prompt_tokens=len(prompt))
     counts: Counter = Counter()

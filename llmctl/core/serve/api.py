@@ -82,7 +82,8 @@ class _Sampling(_Body):
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: score the prompt
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
@@ -126,6 +127,19 @@ class _AuthMiddleware:
                 await JSONResponse(error.body(), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class StreamGroup:
+    """The engine requests of one API request (one per prompt), their events on one queue, choices
+    numbered prompt-major: prompt i's j-th sample is choice ``i * n + j``."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.streams: list = []
+
+    @property
+    def n(self) -> int:
+        return sum(s.n for s in self.streams)
 
 
 @dataclass
@@ -247,9 +261,28 @@ def build_app(state: ServerState):
             raise APIError(400, message, param="response_format") from None
         return constraint
 
-    def submit(prompt_ids: list[int], params: SamplingParams, prefix: str, constraint=None):
+    def submit(
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prefix: str,
+        constraint=None,
+        *,
+        group: StreamGroup | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> StreamGroup:
+        group = group if group is not None else StreamGroup()
         try:
-            return state.async_engine.submit(prompt_ids, params, prefix, constraint)
+            stream = state.async_engine.submit(
+                prompt_ids,
+                params,
+                prefix,
+                constraint,
+                prompt_logprobs=prompt_logprobs,
+                queue=group.queue,
+                offset=group.n,
+            )
+            group.streams.append(stream)
+            return group
         except QueueFullError as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except EngineStoppedError as e:
@@ -257,22 +290,30 @@ def build_app(state: ServerState):
         except RequestError as e:
             raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
 
-    async def collect(stream, request: Request) -> list[Completion]:
-        """Wait for all n sequences; abort if the client goes away."""
-        done: dict[int, Completion] = {}
-        while len(done) < stream.n:
-            try:
-                kind, index, payload = await asyncio.wait_for(stream.queue.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    state.async_engine.abort(stream)
-                    raise APIError(499, "client disconnected") from None
-                continue
-            if kind == "error":
-                raise APIError(500, payload, "internal_server_error")
-            if kind == "finish":
-                done[index] = payload.completion
-        return [done[i] for i in range(stream.n)]
+    def abort(group: StreamGroup) -> None:
+        for stream in group.streams:
+            state.async_engine.abort(stream)
+
+    async def collect(group: StreamGroup, request: Request) -> list:
+        """Wait for every sequence of the group; abort them all if the client goes away (or on an
+        error). Returns the finished sequences in choice order."""
+        done: dict[int, Any] = {}
+        try:
+            while len(done) < group.n:
+                try:
+                    kind, index, payload = await asyncio.wait_for(group.queue.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise APIError(499, "client disconnected") from None
+                    continue
+                if kind == "error":
+                    raise APIError(500, payload, "internal_server_error")
+                if kind == "finish":
+                    done[index] = payload
+        finally:
+            if len(done) < group.n:
+                abort(group)
+        return [done[i] for i in range(group.n)]
 
     def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
         gen = sum(len(c.token_ids) for c in completions)
@@ -281,31 +322,40 @@ def build_app(state: ServerState):
     def token_str(t: int) -> str:
         return tok.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def completion_logprobs(c: Completion, k: int) -> dict:
-        tokens = [token_str(t) for t in c.token_ids]
-        offsets, pos = [], 0
+    def completion_logprobs(
+        token_ids: list[int],
+        logprobs: list[float | None],
+        top: list[dict[int, float] | None],
+        k: int,
+        offset: int = 0,
+    ) -> dict:
+        """OpenAI's legacy ``logprobs`` object; ``offset``: where the first token's text starts."""
+        tokens = [token_str(t) for t in token_ids]
+        offsets = []
         for s in tokens:
-            offsets.append(pos)
-            pos += len(s)
-        out = {"tokens": tokens, "token_logprobs": c.logprobs[: len(tokens)], "text_offset": offsets}
+            offsets.append(offset)
+            offset += len(s)
+        out = {"tokens": tokens, "token_logprobs": logprobs[: len(tokens)], "text_offset": offsets}
         out["top_logprobs"] = (
-            [{token_str(t): v for t, v in d.items()} for d in c.top_logprobs[: len(tokens)]] if k else None
+            [None if d is None else {token_str(t): v for t, v in d.items()} for d in top[: len(tokens)]]
+            if k
+            else None
         )
         return out
 
-    def chat_logprobs(c: Completion) -> dict:
+    def chat_logprobs(token_ids: list[int], logprobs: list[float], top: list[dict[int, float]]) -> dict:
         content = []
-        for i, t in enumerate(c.token_ids):
+        for i, t in enumerate(token_ids):
             s = token_str(t)
-            top = c.top_logprobs[i] if i < len(c.top_logprobs) else {}
+            alternatives = top[i] if i < len(top) else {}
             content.append(
                 {
                     "token": s,
-                    "logprob": c.logprobs[i] if i < len(c.logprobs) else None,
+                    "logprob": logprobs[i] if i < len(logprobs) else None,
                     "bytes": list(s.encode()),
                     "top_logprobs": [
                         {"token": token_str(a), "logprob": v, "bytes": list(token_str(a).encode())}
-                        for a, v in top.items()
+                        for a, v in alternatives.items()
                     ],
                 }
             )
@@ -407,59 +457,127 @@ def build_app(state: ServerState):
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
         return tok(text, add_special_tokens=False)["input_ids"]
 
+    def prompt_list(prompt) -> list[tuple[str | None, list[int]]]:
+        """``(text or None, token ids)`` of each prompt: a string, token ids, or a list of either."""
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and isinstance(prompt[0], str | list):
+            prompts = list(prompt)
+        else:
+            prompts = [prompt]  # one prompt of token ids
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append((p, tok(p)["input_ids"]))
+                continue
+            if any(not 0 <= t < len(tok) for t in p):
+                raise APIError(400, f"prompt token ids must be in [0, {len(tok)})", param="prompt")
+            out.append((None, list(p)))
+        return out
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body: CompletionBody = await parse(request, CompletionBody)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(
-                    400, "batched prompts are not supported; send one prompt per request", param="prompt"
-                )
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            prompt_ids = tok(prompt)["input_ids"]
-        else:
-            if any(not 0 <= t < len(tok) for t in prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {len(tok)})", param="prompt")
-            prompt_ids = list(prompt)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        check_room(prompt_ids, body.max_tokens)
+        prompts = prompt_list(body.prompt)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo)", param="max_tokens")
         k = body.logprobs or 0
-        params = _sampling_params(
-            body,
-            max_tokens=max_tokens_for(body.max_tokens, prompt_ids, 16),
-            top_logprobs=k,
-            logprobs=body.logprobs is not None,
-        )
+        want_logprobs = body.logprobs is not None
+        plans = []
+        for _text, ids in prompts:
+            check_room(ids, body.max_tokens)
+            max_tokens = max_tokens_for(body.max_tokens, ids, 16)
+            plans.append(
+                _sampling_params(body, max_tokens=max_tokens, top_logprobs=k, logprobs=want_logprobs)
+            )
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = submit(prompt_ids, params, rid)
+        group = StreamGroup()
+        prompt_logprobs = k if body.echo and want_logprobs else None
+        try:
+            for (_text, ids), params in zip(prompts, plans, strict=True):
+                submit(ids, params, rid, group=group, prompt_logprobs=prompt_logprobs)
+        except APIError:
+            abort(group)
+            raise
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        echoed = [
+            (text if text is not None else tok.decode(ids, skip_special_tokens=False)) if body.echo else ""
+            for text, ids in prompts
+        ]
+
+        def prompt_of(index: int) -> tuple[str, list[int]]:
+            i = index // body.n
+            return echoed[i], prompts[i][1]
+
+        def prompt_part(index: int, seq) -> tuple[list[int], list, list]:
+            """The echoed prompt's tokens, log-probabilities and top alternatives (None for the first)."""
+            ids = prompt_of(index)[1]
+            return ids, [None, *seq.prompt_token_logprobs], [None, *seq.prompt_top_logprobs]
+
         created = int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            reported: dict[int, int] = {}  # completion tokens whose logprobs were sent, per choice
+            offsets: dict[int, int] = {}  # text offset of the next token, per choice
 
-            def chunk(index, text, finish):
+            def chunk(index, text, finish, logprobs=None):
                 return base | {
-                    "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]
                 }
 
+            def logprobs_of(index, ids, lps, top):
+                out = completion_logprobs(ids, lps, top, k, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(len(t) for t in out["tokens"])
+                return out
+
+            def start(index, seq) -> list[dict]:
+                """The echo: the prompt (and its logprobs) before the choice's first token."""
+                if index in reported:
+                    return []
+                reported[index] = 0
+                if not body.echo:
+                    return []
+                lp = logprobs_of(index, *prompt_part(index, seq)) if want_logprobs else None
+                return [chunk(index, prompt_of(index)[0], None, lp)]
+
+            def on_token(index, delta) -> list[dict]:
+                out = start(index, delta.seq)
+                if not delta.text and not delta.token_ids:
+                    return out
+                reported[index] += len(delta.token_ids)
+                lp = None
+                if want_logprobs:
+                    lp = logprobs_of(index, delta.token_ids, delta.logprobs, delta.top_logprobs)
+                return [*out, chunk(index, delta.text, None, lp)]
+
+            def on_finish(index, seq) -> list[dict]:
+                out = start(index, seq)
+                c, r = seq.completion, reported[index]
+                lp = None
+                if want_logprobs and c.token_ids[r:]:
+                    lp = logprobs_of(index, c.token_ids[r:], c.logprobs[r:], c.top_logprobs[r:])
+                return [*out, chunk(index, "", c.finish_reason, lp)]
+
             return StreamingResponse(
-                _sse(stream, chunk, None, include_usage, base, len(prompt_ids)),
+                _sse(group, on_token, on_finish, None, include_usage, base, prompt_tokens),
                 media_type="text/event-stream",
             )
-        outs = await collect(stream, request)
-        choices = [
-            {
-                "index": i,
-                "text": c.text,
-                "logprobs": completion_logprobs(c, k) if body.logprobs is not None else None,
-                "finish_reason": c.finish_reason,
-            }
-            for i, c in enumerate(outs)
-        ]
-        return base | {"choices": choices, "usage": usage(len(prompt_ids), outs)}
+        seqs = await collect(group, request)
+        choices = []
+        for index, seq in enumerate(seqs):
+            c = seq.completion
+            logprobs = None
+            if want_logprobs and body.echo:
+                ids, lps, top = prompt_part(index, seq)
+                logprobs = completion_logprobs(ids + c.token_ids, lps + c.logprobs, top + c.top_logprobs, k)
+            elif want_logprobs:
+                logprobs = completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs, k)
+            text = prompt_of(index)[0] + c.text
+            choices.append(
+                {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+            )
+        return base | {"choices": choices, "usage": usage(prompt_tokens, [s.completion for s in seqs])}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -493,61 +611,65 @@ def build_app(state: ServerState):
             return {"role": "assistant", "content": c.text}, c.finish_reason
 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = submit(prompt_ids, params, rid, constraint)
+        group = submit(prompt_ids, params, rid, constraint)
         created = int(time.time())
         base = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             cbase = base | {"object": "chat.completion.chunk"}
+            reported: dict[int, int] = {}  # completion tokens whose logprobs were sent, per choice
 
-            def chunk(index, text, finish):
-                delta = {"content": text} if text or finish is None else {}
-                return cbase | {
-                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
-                }
-
-            def first(index):
+            def chunk(index, text, finish, logprobs=None, delta=None):
+                if delta is None:
+                    delta = {"content": text} if text or finish is None else {}
                 return cbase | {
                     "choices": [
-                        {
-                            "index": index,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
+                        {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                     ]
                 }
 
-            def final(index, c: Completion) -> list[dict]:
+            def first(index):
+                return chunk(index, "", None, delta={"role": "assistant", "content": ""})
+
+            def on_token(index, delta) -> list[dict]:
+                if offered or (not delta.text and not delta.token_ids):
+                    return []  # with tools the reply is held back: text or tool calls, known at the end
+                reported[index] = reported.get(index, 0) + len(delta.token_ids)
+                lp = None
+                if body.logprobs:
+                    lp = chat_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
+                return [chunk(index, delta.text, None, lp)]
+
+            def on_finish(index, seq) -> list[dict]:
+                c, r = seq.completion, reported.get(index, 0)
+                lp = None
+                if body.logprobs and c.token_ids[r:]:
+                    lp = chat_logprobs(c.token_ids[r:], c.logprobs[r:], c.top_logprobs[r:])
                 if not offered:
-                    return [chunk(index, "", c.finish_reason)]
-                # With tools the reply was held back: it is either text or tool calls, known at the end.
+                    return [chunk(index, "", c.finish_reason, lp)]
                 message, finish = reply(c)
                 delta = {k: v for k, v in message.items() if k != "role" and v is not None}
                 if "tool_calls" in delta:
                     delta["tool_calls"] = [call | {"index": j} for j, call in enumerate(delta["tool_calls"])]
-                return [
-                    cbase
-                    | {
-                        "choices": [
-                            {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-                        ]
-                    }
-                ]
+                return [chunk(index, "", finish, lp, delta=delta)]
 
             return StreamingResponse(
-                _sse(stream, chunk, first, include_usage, cbase, len(prompt_ids), final, hold=bool(offered)),
+                _sse(group, on_token, on_finish, first, include_usage, cbase, len(prompt_ids)),
                 media_type="text/event-stream",
             )
-        outs = await collect(stream, request)
+        seqs = await collect(group, request)
         choices = []
-        for i, c in enumerate(outs):
+        for i, seq in enumerate(seqs):
+            c = seq.completion
             message, finish = reply(c)
-            logprobs = chat_logprobs(c) if body.logprobs else None
+            logprobs = chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs) if body.logprobs else None
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
-        return base | {"choices": choices, "usage": usage(len(prompt_ids), outs)}
+        return base | {"choices": choices, "usage": usage(len(prompt_ids), [s.completion for s in seqs])}
 
-    async def _sse(stream, chunk, first, include_usage, base, prompt_tokens, final=None, hold=False):
+    async def _sse(group: StreamGroup, on_token, on_finish, first, include_usage, base, prompt_tokens):
+        """Server-sent events: ``first(index)`` for each choice, then ``on_token(index, delta)`` /
+        ``on_finish(index, seq)`` chunks as the engine's events arrive, the usage chunk when asked, and
+        ``data: [DONE]``. A client that goes away (or an error) aborts every sequence of the group."""
         finished: dict[int, Completion] = {}
 
         def event(obj) -> str:
@@ -555,27 +677,26 @@ def build_app(state: ServerState):
 
         try:
             if first is not None:
-                for i in range(stream.n):
+                for i in range(group.n):
                     yield event(first(i))
-            while len(finished) < stream.n:
-                kind, index, payload = await stream.queue.get()
+            while len(finished) < group.n:
+                kind, index, payload = await group.queue.get()
                 if kind == "token":
-                    if payload and not hold:
-                        yield event(chunk(index, payload, None))
+                    for obj in on_token(index, payload):
+                        yield event(obj)
                 elif kind == "finish":
-                    c = payload.completion
-                    finished[index] = c
-                    for obj in final(index, c) if final else [chunk(index, "", c.finish_reason)]:
+                    finished[index] = payload.completion
+                    for obj in on_finish(index, payload):
                         yield event(obj)
                 else:
                     yield event(APIError(500, payload, "internal_server_error").body())
                     break
-            if include_usage and len(finished) == stream.n:
+            if include_usage and len(finished) == group.n:
                 yield event(base | {"choices": [], "usage": usage(prompt_tokens, list(finished.values()))})
             yield "data: [DONE]\n\n"
         finally:
-            if len(finished) < stream.n:  # the client went away (or an error): free the sequences
-                state.async_engine.abort(stream)
+            if len(finished) < group.n:  # the client went away (or an error): free the sequences
+                abort(group)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def _unknown(path: str):

@@ -18,13 +18,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llmctl.core.errors import LlmctlError
+from llmctl.core.errors import LlmctlError, UsageError
 from llmctl.core.generate.constrained import compiler_for
 from llmctl.core.generate.engine import Engine, advance, finish_text, record_logprobs
 from llmctl.core.generate.sampling import SamplingParams, process_logits, sample
 from llmctl.core.serve.blocks import BlockAllocator
 from llmctl.core.serve.runner import PagedKVCache, StepInput, forward_step
 from llmctl.core.serve.scheduler import FINISHED, Scheduler, Sequence
+from llmctl.core.serve.speculative import Drafter, PromptLookup, check_draft_model
 
 
 class RequestError(LlmctlError):
@@ -48,28 +49,48 @@ class ServeConfig:
     max_num_batched_tokens: int = 512
     prefix_caching: bool = True
     max_waiting: int = 512  # sequences queued beyond this are refused
+    num_draft_tokens: int = 4  # speculative decoding (with a draft model): tokens drafted per step
+    prompt_lookup: int = 0  # speculative decoding without a draft: up to this many tokens by prompt lookup
+    lookup_ngram: int = 3  # the longest n-gram prompt lookup matches
 
 
 class ServeEngine:
-    """A model, a paged KV cache, a block allocator and a scheduler."""
+    """A model, a paged KV cache, a block allocator and a scheduler (and optionally a draft model for
+    speculative decoding, :mod:`llmctl.core.serve.speculative`)."""
 
-    def __init__(self, engine: Engine, config: ServeConfig = ServeConfig(), metrics=None) -> None:
+    def __init__(
+        self, engine: Engine, config: ServeConfig = ServeConfig(), metrics=None, draft: Engine | None = None
+    ) -> None:
         if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
             raise LlmctlError("block size, max_num_seqs and max_num_batched_tokens must be at least 1")
+        if draft is not None:
+            check_draft_model(engine, draft)
+            if config.prompt_lookup:
+                raise UsageError("choose one of a draft model and prompt lookup")
         self.engine, self.config, self.metrics = engine, config, metrics
         model = engine.model
         num_blocks = config.num_blocks
         if num_blocks is None:
             per_block = PagedKVCache.bytes_per_block(model, config.block_size, engine.dtype)
+            if draft is not None:  # the draft's cache has as many blocks, addressed by the same tables
+                per_block += Drafter.bytes_per_block(draft, config.block_size)
             # No more than every sequence at full context could use.
             most = config.max_num_seqs * -(-engine.context_length // config.block_size)
             num_blocks = max(1, min(int(config.kv_cache_memory * 2**30) // per_block, most))
         self.allocator = BlockAllocator(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         self.cache = PagedKVCache(model, num_blocks, config.block_size, engine.device, engine.dtype)
+        # The speculative proposer: a draft model (its own paged cache) or prompt lookup, or none.
+        self.drafter: Drafter | PromptLookup | None = None
+        if draft is not None:
+            self.drafter = Drafter(draft, num_blocks, config.block_size, config.num_draft_tokens)
+        elif config.prompt_lookup:
+            self.drafter = PromptLookup(config.prompt_lookup, config.lookup_ngram)
         self.scheduler = Scheduler(
             self.allocator,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            num_lookahead=self.drafter.num_draft if self.drafter is not None else 0,
+            draft_cache=self.drafter is not None and self.drafter.keeps_cache,
         )
         self.requests: dict[str, list[Sequence]] = {}
         self.on_token: Callable[[Sequence, str], None] | None = None
@@ -97,9 +118,16 @@ class ServeEngine:
             )
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, user=None, constraint=None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        user=None,
+        constraint=None,
+        prompt_logprobs: int | None = None,
     ):
-        """Queue ``params.n`` sequences (seeds seed, seed+1, ..., as generate does); returns them."""
+        """Queue ``params.n`` sequences (seeds seed, seed+1, ..., as generate does); returns them.
+        ``prompt_logprobs`` (k >= 0) also scores every prompt token (echo), with the k most likely."""
         self.check_prompt(prompt_ids)
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
@@ -112,6 +140,9 @@ class ServeEngine:
                 g = torch.Generator(device=self.engine.device)
                 g.manual_seed(p.seed)
             seq = Sequence(request_id, i, list(prompt_ids), p, self.config.block_size, generator=g, user=user)
+            seq.prompt_logprobs = prompt_logprobs
+            if self.drafter is not None and not p.greedy:
+                seq.draft_generator = self.drafter.generator(p.seed)  # None for prompt lookup
             if constraint is not None:
                 seq.matcher = compiler_for(self.engine).matcher(constraint)
             seqs.append(seq)
@@ -130,37 +161,84 @@ class ServeEngine:
         return self.scheduler.has_work()
 
     def step(self) -> int:
-        """Schedule, run the model once, sample; returns the number of tokens computed."""
+        """Schedule, run the model once (after the draft's proposals, with a draft), sample; returns the
+        number of tokens the target computed."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return 0
-        step = StepInput([], [], [], [])
+        proposals = self.drafter.propose(scheduled) if self.drafter is not None else {}
+        step = StepInput([], [], [], [], [])
         for seq, n in scheduled:
-            step.token_ids.append(seq.tokens[seq.num_computed : seq.num_computed + n])
+            drafts = proposals[seq].tokens if seq in proposals else []
+            step.token_ids.append(seq.tokens[seq.num_computed : seq.num_computed + n] + drafts)
             step.starts.append(seq.num_computed)
             step.tables.append(seq.table)
-            step.want_logits.append(seq.num_computed + n == seq.num_tokens)
+            samples = seq.num_computed + n == seq.num_tokens
+            step.want_logits.append(samples)
+            wanted = 1 + len(drafts) if samples else 0
+            if seq.prompt_logprobs is not None and seq.num_computed < len(seq.prompt_ids) - 1:
+                wanted = n  # every position of the chunk scores the prompt token after it
+            step.num_logits.append(wanted)
         logits = forward_step(self.engine.model, self.cache, step)
         self.num_steps += 1
         row = 0
-        for (seq, n), want in zip(scheduled, step.want_logits, strict=True):
+        for (seq, n), samples, wanted in zip(scheduled, step.want_logits, step.num_logits, strict=True):
+            rows = logits[row : row + wanted]
+            row += wanted
+            if seq in proposals:
+                self._verify(seq, rows, proposals[seq])
+                continue
+            if seq.prompt_logprobs is not None:
+                self._score_prompt(seq, n, rows)
             self.scheduler.computed(seq, n)
-            if want:
-                self._sample(seq, logits[row])
-                row += 1
-        return sum(n for _, n in scheduled)
+            if samples:
+                self._sample(seq, rows[-1])
+        return sum(n + len(proposals[seq].tokens if seq in proposals else ()) for seq, n in scheduled)
+
+    def _score_prompt(self, seq: Sequence, n: int, rows: torch.Tensor) -> None:
+        """Record log P(prompt[p + 1] | prompt[:p + 1]) for the chunk's positions p (the last
+        ``len(rows)`` of ``num_computed .. num_computed + n - 1``); positions already scored (a
+        recompute after preemption) are skipped."""
+        end = seq.num_computed + n
+        for i, position in enumerate(range(end - len(rows), end)):
+            target = position + 1
+            if target >= len(seq.prompt_ids) or target - 1 < len(seq.prompt_token_logprobs):
+                continue
+            logp = rows[i].log_softmax(-1)
+            seq.prompt_token_logprobs.append(float(logp[seq.prompt_ids[target]]))
+            if seq.prompt_logprobs:
+                values, ids = torch.topk(logp, seq.prompt_logprobs)
+                seq.prompt_top_logprobs.append({int(t): float(v) for t, v in zip(ids, values, strict=True)})
 
     def _sample(self, seq: Sequence, raw: torch.Tensor) -> None:
         c, p = seq.completion, seq.params
-        if p.logprobs or p.top_logprobs:
-            record_logprobs(c, raw, p)
+        if p.max_tokens < 1:  # echo only: score the prompt, generate nothing
+            c.finish_reason = "length"
+            self._finish(seq)
+            return
         processed = process_logits(raw.clone(), p, seq.prompt_ids + c.token_ids, seq.counts)
         if seq.matcher is not None:
             seq.matcher.mask(processed)
         token = sample(processed, p, seq.generator)
         if seq.matcher is not None:
             seq.matcher.accept(token)
+        self._emit(seq, raw, token)
+
+    def _verify(self, seq: Sequence, rows: torch.Tensor, proposal) -> None:
+        """Speculative decoding: accept drafts, emit them and the next token, roll back the rest."""
+        accepted, token = self.drafter.verify(seq, rows, proposal)
+        for i, t in enumerate([*accepted, token]):
+            if self._emit(seq, rows[i], t):
+                return
+        self.scheduler.computed(seq, 1 + len(accepted))  # the last token and the accepted drafts
+        self.scheduler.trim(seq)  # blocks that held only rejected drafts go back
+
+    def _emit(self, seq: Sequence, raw: torch.Tensor, token: int) -> bool:
+        """Append a chosen token (``raw``: the target's logits it was chosen from); True if it ended
+        the sequence."""
+        c, p = seq.completion, seq.params
         if p.logprobs or p.top_logprobs:
+            record_logprobs(c, raw, p)
             c.logprobs.append(float(raw.log_softmax(-1)[token]))
         now = time.monotonic()
         first = seq.first_token_at is None
@@ -181,8 +259,9 @@ class ServeEngine:
         if c.finish_reason == "stop" or len(c.token_ids) >= p.max_tokens:
             finish_text(self.engine, c, emit, seq.index)  # streams text held back until the end
             self._finish(seq)
-        else:
-            seq.append(token)
+            return True
+        seq.append(token)
+        return False
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
@@ -212,19 +291,70 @@ class ServeEngine:
             "steps": self.num_steps,
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
+        } | self.spec_stats()
+
+    def spec_stats(self) -> dict:
+        if self.drafter is None:
+            return {}
+        s = self.drafter.stats
+        return {
+            "spec_decode_num_drafts": s.num_drafts,
+            "spec_decode_num_draft_tokens": s.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": s.num_accepted_tokens,
+            "spec_decode_num_emitted_tokens": s.num_emitted_tokens,
+            "spec_decode_acceptance_rate": s.acceptance_rate,
+            "spec_decode_mean_acceptance_length": s.mean_acceptance_length,
         }
 
 
-class RequestStream:
-    """The asyncio side of one request: events ``("token", index, text)``, ``("finish", index, seq)``
-    and ``("error", None, message)`` arrive on :attr:`queue`."""
+def acceptance_line(stats) -> str:
+    return (
+        f"speculative decoding: {stats.num_accepted_tokens} of {stats.num_draft_tokens} draft tokens "
+        f"accepted ({stats.acceptance_rate:.1%}), {stats.mean_acceptance_length:.2f} tokens per "
+        f"verification"
+    )
 
-    def __init__(self, request_id: str, n: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id, self.n, self.loop = request_id, n, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+
+@dataclass
+class TokenDelta:
+    """What a sequence streams at once: new text and the completion tokens (with their log-probabilities,
+    when asked) not streamed before. Built on the engine thread, so it is a snapshot."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+    seq: Sequence
+
+
+def token_delta(seq: Sequence, text: str) -> TokenDelta:
+    c = seq.completion
+    start, end = seq.num_streamed, len(c.token_ids)
+    seq.num_streamed = end
+    return TokenDelta(text, c.token_ids[start:end], c.logprobs[start:end], c.top_logprobs[start:end], seq)
+
+
+class RequestStream:
+    """The asyncio side of one request: events ``("token", index, TokenDelta)``, ``("finish", index,
+    seq)`` and ``("error", None, message)`` arrive on :attr:`queue`. Several streams may share one
+    queue (a completions request with a list of prompts): ``offset`` is added to their indices."""
+
+    def __init__(
+        self,
+        request_id: str,
+        n: int,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue | None = None,
+        offset: int = 0,
+    ) -> None:
+        self.request_id, self.n, self.loop, self.offset = request_id, n, loop, offset
+        self.queue: asyncio.Queue = queue if queue is not None else asyncio.Queue()
         self.sequences: list[Sequence] = []
 
     def push(self, event: tuple) -> None:
+        kind, index, payload = event
+        if index is not None:
+            event = (kind, index + self.offset, payload)
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the event loop is closed (the server stopped): nobody is listening
@@ -235,10 +365,17 @@ class AsyncEngine:
     """Runs a :class:`ServeEngine` on its own thread; requests are added and aborted through an inbox
     that the thread drains before every step (the engine itself is only ever touched by that thread)."""
 
-    def __init__(self, core: ServeEngine, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        core: ServeEngine,
+        *,
+        log: Callable[[str], None] | None = None,
+        info: Callable[[str], None] | None = None,
+    ) -> None:
         self.core = core
-        self.log = log or (lambda _m: None)
-        core.on_token = lambda seq, text: seq.user.push(("token", seq.index, text))
+        self.log = log or (lambda _m: None)  # problems
+        self.info = info or self.log  # progress (speculative decoding's acceptance)
+        core.on_token = lambda seq, text: seq.user.push(("token", seq.index, token_delta(seq, text)))
         core.on_finish = lambda seq: seq.user.push(("finish", seq.index, seq))
         self._inbox: list[tuple] = []
         self._lock = threading.Lock()
@@ -249,6 +386,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="llmctl-serve-engine", daemon=True)
         self.error_count = 0
+        self.log_interval = 10.0  # seconds between speculative-decoding acceptance lines (with a draft)
+        self._logged_at, self._logged_drafts = time.monotonic(), 0
 
     def start(self) -> None:
         self._thread.start()
@@ -261,7 +400,15 @@ class AsyncEngine:
         return len(self.core.scheduler.waiting) + self._pending
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, prefix: str = "req", constraint=None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prefix: str = "req",
+        constraint=None,
+        *,
+        prompt_logprobs: int | None = None,
+        queue: asyncio.Queue | None = None,
+        offset: int = 0,
     ) -> RequestStream:
         if not self.alive:
             raise EngineStoppedError("the server is shutting down")
@@ -271,10 +418,11 @@ class AsyncEngine:
                 f"the server is busy: {self.num_waiting()} sequences are waiting "
                 f"(--max-waiting {self.core.config.max_waiting}); retry later"
             )
-        stream = RequestStream(f"{prefix}-{next(self._ids)}", params.n, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(f"{prefix}-{next(self._ids)}", params.n, loop, queue, offset)
         with self._lock:
             self._pending += params.n
-            self._inbox.append(("add", stream, prompt_ids, params, constraint))
+            self._inbox.append(("add", stream, prompt_ids, params, constraint, prompt_logprobs))
         self._wake.set()
         return stream
 
@@ -311,20 +459,37 @@ class AsyncEngine:
                 continue
             try:
                 self.core.step()
+                if self.core.drafter is not None:
+                    self._log_acceptance()
             except Exception as e:  # a bug must not kill the server: fail what was running, go on
                 self.error_count += 1
                 self.log(f"engine step failed: {type(e).__name__}: {e}")
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
 
+    def _log_acceptance(self, force: bool = False) -> None:
+        stats = self.core.drafter.stats
+        now = time.monotonic()
+        if stats.num_drafts == self._logged_drafts or (
+            not force and now - self._logged_at < self.log_interval
+        ):
+            return
+        self._logged_at, self._logged_drafts = now, stats.num_drafts
+        self.info(acceptance_line(stats))
+
     def _apply(self, op: tuple) -> None:
         kind = op[0]
         if kind == "add":
-            _, stream, prompt_ids, params, constraint = op
+            _, stream, prompt_ids, params, constraint, prompt_logprobs = op
             with self._lock:
                 self._pending -= params.n
             try:
                 stream.sequences = self.core.add_request(
-                    stream.request_id, prompt_ids, params, user=stream, constraint=constraint
+                    stream.request_id,
+                    prompt_ids,
+                    params,
+                    user=stream,
+                    constraint=constraint,
+                    prompt_logprobs=prompt_logprobs,
                 )
             except LlmctlError as e:
                 stream.push(("error", None, str(e)))

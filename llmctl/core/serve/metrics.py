@@ -120,3 +120,24 @@ class _EngineCollector:
         )
         yield counter("llmctl:prompt_tokens", "Prompt tokens of accepted requests.", stats["prompt_tokens"])
         yield counter("llmctl:generation_tokens", "Generated tokens.", stats["generation_tokens"])
+        if "spec_decode_num_drafts" in stats:  # speculative decoding (a draft model)
+            yield counter(
+                "llmctl:spec_decode_num_drafts",
+                "Speculative verification rounds (a sequence-step with draft tokens).",
+                stats["spec_decode_num_drafts"],
+            )
+            yield counter(
+                "llmctl:spec_decode_num_draft_tokens",
+                "Draft tokens proposed.",
+                stats["spec_decode_num_draft_tokens"],
+            )
+            yield counter(
+                "llmctl:spec_decode_num_accepted_tokens",
+                "Draft tokens accepted by the target.",
+                stats["spec_decode_num_accepted_tokens"],
+            )
+            yield counter(
+                "llmctl:spec_decode_num_emitted_tokens",
+                "Tokens emitted by verification rounds (accepted drafts + one from the target each).",
+                stats["spec_decode_num_emitted_tokens"],
+            )

@@ -40,6 +40,15 @@ class PagedKVCache:
         return 2 * a.n_layers * block_size * a.n_kv_heads * a.head_dim * torch.finfo(dtype).bits // 8
 
 
+# On these devices, sequences with at most MAX_BATCHED_QUERY new tokens (drafts being verified, short
+# prompt chunks) share one batched attention call (``_ShortRows``); the rest get one call each
+# (``_prefill_attention``, the reference). Not on CPUs: there the padded gather costs more than the calls
+# it saves (measured: 32 sequences x 5 queries over ~300 cached tokens, 30 layers: 0.8 s looped, 1.4 s
+# batched), while a GPU pays a kernel launch per call.
+BATCHED_SHORT_ROWS_ON = {"cuda"}
+MAX_BATCHED_QUERY = 16
+
+
 @dataclass
 class StepInput:
     """What the model computes in one step: for each sequence its new tokens and its block table."""
@@ -48,11 +57,15 @@ class StepInput:
     starts: list[int]  # position of each sequence's first new token (= tokens already cached)
     tables: list[list[int]]  # block tables (already long enough for the new tokens)
     want_logits: list[bool]  # whether the sequence samples after this step
+    # Logits of how many of the sequence's last new tokens (default: 1 when want_logits): a draft's
+    # tokens being verified, or a prompt whose every position is scored (echo with logprobs).
+    num_logits: list[int] | None = None
 
 
 @torch.inference_mode()
 def forward_step(model: DecoderLM, cache: PagedKVCache, step: StepInput) -> torch.Tensor:
-    """Run the step; returns float32 logits ``[sum(want_logits), vocab]`` in sequence order."""
+    """Run the step; returns float32 logits ``[sum(num_logits), vocab]`` in sequence order (the last
+    ``num_logits[i]`` positions of sequence i; ``num_logits`` defaults to ``want_logits``)."""
     from llmctl.kernels.paged_attention import paged_decode
 
     device = cache.k[0].device
@@ -72,7 +85,11 @@ def forward_step(model: DecoderLM, cache: PagedKVCache, step: StepInput) -> torc
         offsets.append(offsets[-1] + n)
 
     decode_rows = [i for i, n in enumerate(lengths) if n == 1]
-    prefill_rows = [i for i, n in enumerate(lengths) if n > 1]
+    batch_short = torch.device(device).type in BATCHED_SHORT_ROWS_ON
+    short_rows = [i for i, n in enumerate(lengths) if 1 < n <= MAX_BATCHED_QUERY and batch_short]
+    prefill_rows = [i for i, n in enumerate(lengths) if n > 1 and i not in short_rows]
+    if short_rows:
+        short = _ShortRows(step, short_rows, offsets, bs, device)
     if decode_rows:
         width = max(len(step.tables[i]) for i in decode_rows)
         tables = torch.zeros((len(decode_rows), width), dtype=torch.int32)
@@ -99,13 +116,16 @@ def forward_step(model: DecoderLM, cache: PagedKVCache, step: StepInput) -> torc
         out = torch.empty_like(q)
         if decode_rows:
             out[decode_idx] = paged_decode(q[decode_idx], k_cache, v_cache, tables, ctx, softmax_scale=scale)
+        if short_rows:
+            out[short.flat] = short.attention(q, k_cache, v_cache, scale)
         for i in prefill_rows:
             out[offsets[i] : offsets[i + 1]] = _prefill_attention(
                 q[offsets[i] : offsets[i + 1]], k_cache, v_cache, step.tables[i], step.starts[i], scale
             )
         x = x + attn.o_proj(out.reshape(-1, a.n_heads * a.head_dim))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    last = [offsets[i + 1] - 1 for i, want in enumerate(step.want_logits) if want]
+    counts = step.num_logits if step.num_logits is not None else [int(w) for w in step.want_logits]
+    last = [p for i, k in enumerate(counts) for p in range(offsets[i + 1] - k, offsets[i + 1])]
     if not last:
         return torch.empty((0, a.vocab_size))
     x = x[torch.tensor(last, device=device)]
@@ -130,3 +150,46 @@ def _prefill_attention(q, k_cache, v_cache, table, start, scale):
         enable_gqa=q.shape[1] != keys.shape[1],
     )
     return out[0].transpose(0, 1)  # [n, H, D]
+
+
+class _ShortRows:
+    """Causal attention for several short runs of new tokens at once: each sequence's context is gathered
+    from its blocks into a padded ``[rows, context, kv_heads, head_dim]`` batch, queries are padded to the
+    longest run, and a mask lets the query at position ``start + j`` see keys ``0 .. start + j``. The
+    same arithmetic as :func:`_prefill_attention` per sequence (tested against it), in one call."""
+
+    def __init__(self, step: StepInput, rows: list[int], offsets: list[int], block_size: int, device) -> None:
+        lengths = [len(step.token_ids[i]) for i in rows]
+        totals = [step.starts[i] + n for i, n in zip(rows, lengths, strict=True)]
+        width = max(-(-t // block_size) for t in totals)
+        tables = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (i, t) in enumerate(zip(rows, totals, strict=True)):
+            used = step.tables[i][: -(-t // block_size)]
+            tables[r, : len(used)] = torch.tensor(used, dtype=torch.long)
+        self.tables = tables.to(device)
+        self.num_queries = max(lengths)
+        j = torch.arange(self.num_queries, device=device)
+        lens = torch.tensor(lengths, device=device)
+        self.valid = j[None] < lens[:, None]  # [rows, Q]: real (not padding) queries
+        first = torch.tensor([offsets[i] for i in rows], device=device)
+        self.flat = (first[:, None] + j[None])[self.valid]  # their places in the step's flat batch
+        positions = torch.tensor([step.starts[i] for i in rows], device=device)[:, None] + j[None]
+        context = torch.arange(width * block_size, device=device)
+        self.mask = (context[None, None] <= positions[:, :, None])[:, None]  # [rows, 1, Q, context]
+
+    def attention(self, q, k_cache, v_cache, scale):
+        """Outputs ``[real queries, H, D]`` in the order of :attr:`flat`."""
+        rows = self.tables.shape[0]
+        keys = k_cache[self.tables].flatten(1, 2)  # [rows, context, KV, D]
+        values = v_cache[self.tables].flatten(1, 2)
+        queries = q.new_zeros((rows, self.num_queries, q.shape[1], q.shape[2]))
+        queries[self.valid] = q[self.flat]
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2),  # [rows, H, Q, D]
+            keys.transpose(1, 2),  # [rows, KV, context, D]
+            values.transpose(1, 2),
+            attn_mask=self.mask,
+            scale=scale,
+            enable_gqa=q.shape[1] != keys.shape[2],
+        )
+        return out.transpose(1, 2)[self.valid]  # [real queries, H, D]

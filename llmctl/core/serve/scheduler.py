@@ -56,6 +56,16 @@ class Sequence:
     last_token_at: float | None = None
     user: Any = None  # the caller's handle (the server's request state)
     matcher: Any = None  # constrained decoding: the row's grammar matcher (response_format)
+    # Speculative decoding (a draft model; see llmctl.core.serve.speculative):
+    draft_computed: int = 0  # tokens whose keys/values are in the draft model's cache
+    draft_generator: torch.Generator | None = None  # the draft's sampler (seed + DRAFT_SEED_OFFSET)
+    lookahead: int = 0  # draft tokens this step verifies (set by the scheduler for decodes)
+    # Echo / prompt logprobs: the prompt is computed in full (no prefix-cache lookup) and the
+    # log-probability of each prompt token after the ones before it is recorded here.
+    prompt_logprobs: int | None = None  # None: not asked; k: also the k most likely tokens
+    prompt_token_logprobs: list[float] = field(default_factory=list)  # for prompt tokens 1..
+    prompt_top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_streamed: int = 0  # completion tokens already handed to the streaming client
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -82,12 +92,22 @@ class Sequence:
 
 class Scheduler:
     def __init__(
-        self, allocator: BlockAllocator, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 512
+        self,
+        allocator: BlockAllocator,
+        *,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        num_lookahead: int = 0,
+        draft_cache: bool = True,
     ) -> None:
         self.allocator = allocator
         self.block_size = allocator.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Speculative decoding: a decoding sequence also computes up to this many draft tokens per step
+        # (vLLM's lookahead slots); they take blocks and budget, and a draft cache is kept in step.
+        self.num_lookahead = num_lookahead
+        self.draft_cache = draft_cache and num_lookahead > 0  # a draft model's cache to keep in step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -108,7 +128,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self._reserve(seq, n):
+            seq.lookahead = min(self.lookahead(seq), budget - n)
+            while not self._reserve(seq, n + seq.lookahead):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -116,7 +137,7 @@ class Scheduler:
                     break
             else:
                 scheduled.append((seq, n))
-                budget -= n
+                budget -= n + seq.lookahead
                 i += 1
                 continue
             break
@@ -128,6 +149,8 @@ class Scheduler:
                 break
             # At least one token is always computed, for the logits of the next token.
             usable = seq.hashes[: (seq.num_tokens - 1) // self.block_size]
+            if seq.prompt_logprobs is not None:
+                usable = []  # every prompt position's logits are needed: compute the prompt in full
             cached = self.allocator.cached_prefix_blocks(usable)
             if cached < len(usable) and usable[cached] in pending:
                 # The next block of this prompt is being computed for another sequence right now: wait a
@@ -137,10 +160,12 @@ class Scheduler:
             seq.table = self.allocator.lookup_prefix(usable, seq.num_tokens)
             seq.num_computed = len(seq.table) * self.block_size
             seq.num_registered = len(seq.table)
+            seq.draft_computed = seq.num_computed  # cached blocks hold the draft's keys/values too
+            seq.lookahead = 0
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._reserve(seq, n):
                 self.allocator.free(seq.table)
-                seq.table, seq.num_computed, seq.num_registered = [], 0, 0
+                seq.table, seq.num_computed, seq.num_registered, seq.draft_computed = [], 0, 0, 0
                 break
             self.waiting.remove(seq)
             seq.status = RUNNING
@@ -150,6 +175,16 @@ class Scheduler:
             if self.allocator.prefix_caching:
                 pending.update(seq.hashes[seq.num_registered :])
         return scheduled
+
+    def lookahead(self, seq: Sequence) -> int:
+        """Draft tokens a running sequence may verify this step: only a plain decode (one new token,
+        at least one generated already), never past ``max_tokens``, not under a grammar constraint."""
+        if not self.num_lookahead or seq.matcher is not None or seq.num_tokens - seq.num_computed != 1:
+            return 0
+        generated = len(seq.completion.token_ids)
+        if generated < 1:
+            return 0
+        return max(0, min(self.num_lookahead, seq.params.max_tokens - generated - 1))
 
     def _blocks_in_flight(self) -> set[bytes]:
         """Hashes of full blocks that running sequences have not finished computing (prefix caching only)."""
@@ -168,7 +203,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the sequence's cache, keep its tokens, requeue it first."""
         self.allocator.free(seq.table)
-        seq.table, seq.num_computed, seq.num_registered = [], 0, 0
+        seq.table, seq.num_computed, seq.num_registered, seq.draft_computed = [], 0, 0, 0
         seq.status = WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -177,10 +212,20 @@ class Scheduler:
     def computed(self, seq: Sequence, n: int) -> None:
         """After a step: ``n`` more tokens of ``seq`` are in the cache; offer its new full blocks."""
         seq.num_computed += n
-        full = min(seq.num_computed // self.block_size, len(seq.hashes))
+        done = seq.num_computed
+        if self.draft_cache:  # a block is shared only once the draft's cache holds it too
+            done = min(done, seq.draft_computed)
+        full = min(done // self.block_size, len(seq.hashes))
         if full > seq.num_registered:
             self.allocator.register(seq.table, seq.hashes, seq.num_registered, full)
             seq.num_registered = full
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past the sequence's tokens (they held rejected draft tokens)."""
+        keep = -(-seq.num_tokens // self.block_size)
+        if len(seq.table) > keep:
+            self.allocator.free(seq.table[keep:])
+            del seq.table[keep:]
 
     def finish(self, seq: Sequence) -> None:
         """Retire a sequence (finished or aborted) and free its blocks."""
@@ -193,5 +238,5 @@ class Scheduler:
                 pass
         if seq.table:
             self.allocator.free(seq.table)
-        seq.table, seq.num_computed, seq.num_registered = [], 0, 0
+        seq.table, seq.num_computed, seq.num_registered, seq.draft_computed = [], 0, 0, 0
         seq.status = FINISHED

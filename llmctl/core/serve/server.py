@@ -64,12 +64,15 @@ def create_server(
     model_name: str = "model",
     api_key: str | None = None,
     log: Callable[[str], None] | None = None,
+    draft: Engine | None = None,
+    info: Callable[[str], None] | None = None,
 ) -> Server:
-    """Build the engine, the app and a bound listening socket (``port=0`` picks a free port)."""
+    """Build the engine, the app and a bound listening socket (``port=0`` picks a free port).
+    ``draft``: a draft model for speculative decoding (same vocabulary as ``engine``)."""
     metrics = ServeMetrics(model_name)
-    core = ServeEngine(engine, config, metrics)
+    core = ServeEngine(engine, config, metrics, draft=draft)
     metrics.attach(core)
-    async_engine = AsyncEngine(core, log=log)
+    async_engine = AsyncEngine(core, log=log, info=info)
     state = ServerState(engine, async_engine, metrics, model_name, api_key)
     app = build_app(state)
     try:

@@ -179,3 +179,23 @@ def test_on_cuda_the_triton_decode_path_matches_generate(tiny_model):
     same = sum(s[0].completion.token_ids == r.token_ids for s, r in zip(seqs, ref, strict=True))
     assert same == len(ref), f"{len(ref) - same} of {len(ref)} requests differ"
     _assert_all_freed(core)
+
+
+def test_prompt_logprobs_are_the_same_whatever_the_chunking_and_skip_the_prefix_cache(engine):
+    prompt = list(range(10, 40))
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    results = []
+    for budget in (64, 7):  # whole prompt in one step, then 7-token chunks
+        core = ServeEngine(engine, ServeConfig(block_size=4, num_blocks=32, max_num_batched_tokens=budget))
+        core.add_request("warm", prompt, params)  # fills the prefix cache with this prompt's blocks
+        core.run_until_done()
+        (seq,) = core.add_request("a", prompt, params, prompt_logprobs=2)
+        hits = core.allocator.hits
+        core.run_until_done()
+        assert core.allocator.hits == hits  # computed in full: the cached blocks have no logits
+        assert len(seq.prompt_token_logprobs) == len(prompt) - 1 == len(seq.prompt_top_logprobs)
+        results.append(seq)
+    a, b = results
+    assert b.prompt_token_logprobs == pytest.approx(a.prompt_token_logprobs, abs=1e-5)
+    assert all(v <= 0 for v in a.prompt_token_logprobs)
+    assert a.completion.token_ids == b.completion.token_ids
