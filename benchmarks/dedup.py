@@ -22,6 +22,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -134,6 +135,46 @@ def make_corpus(path: Path, quick: bool, synthetic: int = 0, docs: int = 0) -> l
     return pairs
 
 
+TEXT_DEDUP_VENV = Path.home() / ".cache" / "llmctl" / "venvs" / "text-dedup"
+# text-dedup 0.4.0 pins pyspark, unisim and urllib3<=2 for modules its MinHash script does not import, so
+# the package goes in without dependencies and MinHash's own imports are installed next to it.
+TEXT_DEDUP_PACKAGES = [
+    *("datasets", "xxhash", "click<9", "click-option-group<0.6", "tqdm", "rich<14", "numpy", "scipy"),
+    *("regex", "bitarray", "ftfy", "fire<0.7", "psutil", "pybloom-live"),
+]
+
+
+def text_dedup_python() -> Path | None:
+    """The Python of a venv holding text-dedup 0.4.0 (created on first use), or None if it cannot be made."""
+    python = TEXT_DEDUP_VENV / "bin" / "python"
+    if not python.is_file():
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(TEXT_DEDUP_VENV)], check=True)
+            pip = [str(python), "-m", "pip", "install", "-q"]
+            subprocess.run([*pip, "--no-deps", "text-dedup==0.4.0"], check=True)
+            subprocess.run([*pip, *TEXT_DEDUP_PACKAGES], check=True)
+        except subprocess.CalledProcessError:
+            return None
+    return python
+
+
+def text_dedup_cmd(python: Path, corpus: Path, out: Path, workers: int) -> list[str]:
+    return [str(python), "-m", "text_dedup.minhash", "--path", "json", "--data_files", str(corpus),
+            "--split", "train", "--column", "text", "--output", str(out), "--num_perm", str(NUM_PERM),
+            "--threshold", str(THRESHOLD), "--ngram", str(NGRAM), "--num_proc", str(workers),
+            "--cache_dir", str(out.parent / "hf-cache")]  # fmt: skip
+
+
+def text_dedup_ids(python: Path, out: Path, dst: Path) -> None:
+    """Write text-dedup's kept records (a saved Hugging Face dataset) as JSONL with their ids."""
+    code = (
+        "import datasets, json, sys\n"
+        "for r in datasets.load_from_disk(sys.argv[1]):\n    print(json.dumps({'id': r['id']}))"
+    )
+    with dst.open("w") as f:
+        subprocess.run([str(python), "-c", code, str(out)], check=True, stdout=f)
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in MiB of the child) for one run."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -164,6 +205,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--scale", type=int, default=0, help="also dedup N synthetic documents (llmctl only)")
+    parser.add_argument("--text-dedup", action="store_true", help="also run text-dedup 0.4.0 (own venv)")
     parser.add_argument(
         "--docs", type=int, default=0, help="~N GSM8K-sized documents instead of GSM8K train (both tools)"
     )
@@ -193,6 +235,15 @@ def main() -> None:
                 for _ in range(repeats)
             ]
             r_peer = recall(tmp / "b.jsonl", pairs)
+        text_dedup = None
+        python = text_dedup_python() if args.text_dedup and not args.quick else None
+        if python is not None:
+            runs = []
+            for _ in range(repeats):
+                shutil.rmtree(tmp / "td", ignore_errors=True)
+                runs.append(timed(text_dedup_cmd(python, corpus, tmp / "td", args.workers))[0])
+            text_dedup_ids(python, tmp / "td", tmp / "td.jsonl")
+            text_dedup = (statistics.median(runs), recall(tmp / "td.jsonl", pairs))
         scale_row = None
         if args.scale:
             big = tmp / "big.jsonl"
@@ -220,6 +271,10 @@ def main() -> None:
         t_peer = statistics.median(peer)
         name = "datasketch MinHash + MinHashLSH (peer)"
         print(f"{name:<44}{t_peer:>9.2f}{docs / t_peer:>10.0f}{r_peer:>8.3f}")
+        if text_dedup:
+            name = f"text-dedup 0.4.0 MinHash, {args.workers} processes"
+            print(f"{name:<44}{text_dedup[0]:>9.2f}{docs / text_dedup[0]:>10.0f}{text_dedup[1]:>8.3f}")
+            print(f"speed-up of the CLI vs text-dedup: {text_dedup[0] / t_cli:.2f}x")
         print(f"speed-up of the CLI (it pays llmctl's CLI start-up): {t_peer / t_cli:.2f}x")
         print(f"speed-up (peer time / llmctl library time): {t_peer / t_ours:.2f}x")
     else:
