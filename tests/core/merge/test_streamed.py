@@ -7,7 +7,7 @@ import torch
 
 from llmctl.core.merge.methods import Inputs, get_method
 from llmctl.core.merge.methods import task_arithmetic as ta
-from llmctl.core.merge.methods.sparsify import order_statistics, streamed
+from llmctl.core.merge.methods.sparsify import streamed
 
 
 @pytest.fixture
@@ -78,20 +78,6 @@ def test_streamed_keeps_the_references_tied_entries_when_magnitudes_tie_at_the_c
             shared = dict(SHARED, normalize=False)
             whole = ta.TaskArithmetic._merge_whole(method, Inputs([base, a, b], 0, shared, per))
             assert torch.equal(method.merge(Inputs([base, a, b], 0, shared, per)), whole), (name, density)
-
-
-def test_order_statistics_are_the_sorted_values_with_their_counts():
-    g = torch.Generator().manual_seed(0)
-    values = torch.randn(50_000, generator=g).abs()
-    values[:100] = 0.0  # a tie block, including zeros
-    values[100:150] = 3.5
-    ordered = values.sort().values
-    ranks = [1, 100, 101, 25_000, 49_960, 50_000]
-    cuts = order_statistics(lambda: iter(values.split(7_000)), ranks)
-    for rank, cut in zip(ranks, cuts, strict=True):
-        assert cut.value == ordered[rank - 1].item()
-        assert cut.below == int((values < cut.value).sum())
-        assert cut.equal == int((values == cut.value).sum())
 
 
 def test_streamed_dare_advances_the_generator_like_the_reference():

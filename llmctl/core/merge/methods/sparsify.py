@@ -11,8 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -95,53 +94,11 @@ SPARSIFIERS = {"magnitude": magnitude, "magnitude_outliers": magnitude_outliers,
 # --- Streamed selection: the same kept sets, decided over a task vector read in chunks -----------------
 #
 # A large tensor (an embedding) would otherwise need several full-size temporaries per model (the delta,
-# its magnitudes, the k-th value search's copy, masks). The streamed path reads each delta in chunks,
-# finds the cut by radix selection on the magnitudes' bit patterns (for non-negative float32 values the
-# int32 bit patterns sort like the values), and returns a function that masks each chunk in the merge
-# pass. The reference functions above stay the definition; tests hold the two equal.
-
-HIGH_BINS = 1 << 15  # sign bit clear: the top 16 bits of a non-negative float32 are < 2**15
-LOW_BINS = 1 << 16
-
-
-@dataclass(frozen=True)
-class Cut:
-    """The value at one ascending rank of a multiset, with the counts below it and equal to it."""
-
-    value: float
-    below: int
-    equal: int
-
-
-def order_statistics(chunks: Callable[[], Iterator[torch.Tensor]], ranks: Sequence[int]) -> list[Cut]:
-    """Exact values at 1-based ascending ``ranks`` of non-negative float32 values streamed by ``chunks()``.
-
-    Two passes: a histogram of the top 16 bits, then, inside each bin holding a wanted rank, a histogram of
-    the low 16 bits. Memory: the histograms and one chunk.
-    """
-    high = torch.zeros(HIGH_BINS, dtype=torch.int64)
-    for chunk in chunks():
-        high += torch.bincount((chunk.view(torch.int32) >> 16).long(), minlength=HIGH_BINS)
-    high_cum = high.cumsum(0)
-    wanted = []  # (rank, bin, count below the bin)
-    for rank in ranks:
-        b = int(torch.searchsorted(high_cum, torch.tensor(rank)))
-        wanted.append((rank, b, int(high_cum[b - 1]) if b else 0))
-    bins = sorted({b for _, b, _ in wanted})
-    low = {b: torch.zeros(LOW_BINS, dtype=torch.int64) for b in bins}
-    for chunk in chunks():
-        bits = chunk.view(torch.int32)
-        top = bits >> 16
-        for b in bins:
-            low[b] += torch.bincount((bits[top == b] & 0xFFFF).long(), minlength=LOW_BINS)
-    cuts = []
-    for rank, b, below_bin in wanted:
-        low_cum = low[b].cumsum(0)
-        j = int(torch.searchsorted(low_cum, torch.tensor(rank - below_bin)))
-        value = torch.tensor([(b << 16) | j], dtype=torch.int32).view(torch.float32).item()
-        below = below_bin + (int(low_cum[j - 1]) if j else 0)
-        cuts.append(Cut(value, below, int(low[b][j])))
-    return cuts
+# its magnitudes, masks, the weighted stack). The streamed path reads each delta in chunks and returns a
+# function that masks each chunk in the merge pass. Only the magnitude cut needs the whole vector: the
+# magnitudes are gathered once (one float32 copy), the cut found by k-th value search and, when magnitudes
+# tie across it, decided by the reference's full sort. The reference functions above stay the definition;
+# tests hold the two equal.
 
 
 def streamed(
@@ -198,7 +155,7 @@ def _bernoulli_draws(generator: torch.Generator, density: float) -> Callable[[to
 
 
 def _magnitude_selection(kind, chunks, n, density, gamma) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-chunk keep masks for ``magnitude`` (largest k) or ``magnitude_outliers`` (ranks in a window)."""
+    """Per-chunk keep masks for ``magnitude`` (the k largest) or ``magnitude_outliers`` (a rank window)."""
     if kind == "magnitude":
         k = max(1, int(density * n))
         lo_rank, hi_rank = n - k + 1, n
@@ -208,14 +165,16 @@ def _magnitude_selection(kind, chunks, n, density, gamma) -> Callable[[torch.Ten
             return lambda d: torch.zeros_like(d, dtype=torch.bool)
         n_bottom = max(0, n - keep - int(gamma * n))
         lo_rank, hi_rank = n_bottom + 1, n_bottom + keep
-    lo, hi = order_statistics(lambda: (d.abs_() for d in chunks()), [lo_rank, hi_rank])
-    if lo.below == lo_rank - 1 and hi.below + hi.equal == hi_rank:  # no tie across either cut
-        return lambda d: (d.abs() >= lo.value) & (d.abs() <= hi.value)
     w = torch.empty(n)
     offset = 0
     for d in chunks():
         w[offset : offset + d.numel()] = d.abs_()
         offset += d.numel()
+    lo = torch.kthvalue(w, lo_rank).values.item()
+    hi = torch.kthvalue(w, hi_rank).values.item() if hi_rank < n else w.max().item()
+    if int((w < lo).sum()) == lo_rank - 1 and int((w <= hi).sum()) == hi_rank:  # no tie across a cut
+        del w
+        return lambda d: (d.abs() >= lo) & (d.abs() <= hi)
     mask = torch.zeros(n, dtype=torch.bool)
     if kind == "magnitude":
         mask[torch.argsort(w, descending=True)[:k]] = True  # the reference's (and mergekit's) tie order
