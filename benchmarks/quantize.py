@@ -1,12 +1,15 @@
-"""llmctl quantize: perplexity, wall time, peak RSS and size of RTN vs GPTQ vs AWQ (vs llm-compressor).
+"""llmctl quantize: perplexity, wall time, peak RSS and size of RTN vs GPTQ vs AWQ vs bitsandbytes NF4
+(vs llm-compressor).
 
 Each configuration runs in a fresh process: quantize (llmctl's library, the same path as the CLI), write
-the checkpoint, load it back with ``load_quantized``, score held-out text with llmctl eval's rolling
-perplexity scorer, and time greedy generation. Calibration and evaluation text are disjoint slices of
-WikiText-2 (tokenized v1 test split, ../shared/data/wikitext-2/test.txt: perplexities are not comparable
-with published raw-WikiText numbers).
+the checkpoint, load it back as ``llmctl eval`` does (``load_model``: llmctl's QuantLinear for GPTQ/AWQ/
+compressed-tensors, transformers + bitsandbytes for NF4), score held-out text with llmctl eval's rolling
+perplexity scorer, and time greedy generation through llmctl's own engine (``llmctl generate``'s
+``load_engine``; bitsandbytes checkpoints, which the engine does not run, through transformers
+instead). Calibration and evaluation text are disjoint slices of WikiText-2 (tokenized v1 test split,
+../shared/data/wikitext-2/test.txt: perplexities are not comparable with published raw-WikiText numbers).
 
-    python benchmarks/quantize.py            # SmolLM2-135M-Instruct, 4- and 3-bit g64, ~30-60 min on 2 CPUs
+    python benchmarks/quantize.py            # SmolLM2-135M-Instruct, 4- and 3-bit g64, NF4, ~1 h on 2 CPUs
     python benchmarks/quantize.py --quick    # llama-tiny, built-in text, seconds
 
 llm-compressor (the peer) pins transformers <= 5.17, so it runs only from its own virtual environment
@@ -57,7 +60,11 @@ import torch
 args = json.loads(sys.argv[1])
 from llmctl.core.eval.scoring import Scorer
 from llmctl.core.models.hf import load_model, load_tokenizer, resolve_model
-from llmctl.core.quantize import CalibrationSpec, QuantizeOptions, load_quantized, quantize_model
+from llmctl.core.errors import ModelError
+from llmctl.core.generate.engine import Request, generate
+from llmctl.core.generate.run import load_engine
+from llmctl.core.generate.sampling import SamplingParams
+from llmctl.core.quantize import CalibrationSpec, QuantizeOptions, quantize_model
 torch.manual_seed(0)
 out = {"seconds": 0.0, "size_bytes": None}
 if args["method"] == "fp32":
@@ -66,25 +73,40 @@ if args["method"] == "fp32":
 else:
     calib = CalibrationSpec(args["calib"] and Path(args["calib"]), "text", args["samples"], args["seq_len"])
     opts = QuantizeOptions(method=args["method"], bits=args["bits"], group_size=args["group"],
-                           fmt=args.get("format"), calib=calib)
+                           fmt=args.get("format"), calib=calib,
+                           true_sequential=args.get("true_sequential", True))
     t0 = time.perf_counter()
     summary = quantize_model(args["model"], Path(args["out"]), opts, force=True)
     out["seconds"] = time.perf_counter() - t0
     out["size_bytes"] = summary["size_bytes"]
     out["rss_quantize_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    model = load_quantized(args["out"])
+    model = load_model(resolve_model(args["out"]), device="cpu", dtype="float32")
 tok = load_tokenizer(resolve_model(args["model"]))
 scorer = Scorer(model, tok, args["max_length"], batch_size=4)
 (ll, n), = scorer.rolling_loglikelihoods([Path(args["text"]).read_text(encoding="utf-8")])
 out["ppl"] = float(torch.exp(torch.tensor(-ll / n)))
 out["tokens"] = n
 ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
-with torch.inference_mode():
-    model.generate(ids, max_new_tokens=2, do_sample=False)
+n_new = args["gen_tokens"]
+try:  # llmctl's engine (llmctl generate / serve)
+    del model
+    engine = load_engine(args["model"] if args["method"] == "fp32" else args["out"], device="cpu",
+                         dtype="float32")
+    request = [Request(ids[0].tolist(), SamplingParams(max_tokens=n_new, ignore_eos=True))]
+    generate(engine, [Request(ids[0].tolist(), SamplingParams(max_tokens=2, ignore_eos=True))])  # warm-up
     t0 = time.perf_counter()
-    n_new = args["gen_tokens"]
-    gen = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
-    out["gen_tok_s"] = (gen.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
+    (done,) = generate(engine, request)
+    out["gen_tok_s"] = len(done.token_ids) / (time.perf_counter() - t0)
+    out["gen_via"] = "llmctl"
+except ModelError:  # bitsandbytes: transformers' generate
+    source = args["model"] if args["method"] == "fp32" else args["out"]
+    model = load_model(resolve_model(source), device="cpu", dtype="float32")
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+        t0 = time.perf_counter()
+        gen = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        out["gen_tok_s"] = (gen.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
+    out["gen_via"] = "transformers"
 out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT " + json.dumps(out))
 """
@@ -141,11 +163,15 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny model and text, seconds")
     parser.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--samples", type=int, default=16, help="calibration sequences")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+    parser.add_argument("--samples", type=int, default=32, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     parser.add_argument("--held-out-lines", type=int, default=HELD_OUT_LINES, help="WikiText-2 lines scored")
     parser.add_argument("--fp8", action="store_true", help="also run FP8 (compressed-tensors)")
-    parser.add_argument("--only", help="comma-separated subset, e.g. fp32,rtn4,gptq4,awq4")
+    parser.add_argument(
+        "--no-true-sequential", action="store_true",
+        help="GPTQ: calibrate each layer in one pass, as llm-compressor does (faster)",
+    )  # fmt: skip
+    parser.add_argument("--only", help="comma-separated subset, e.g. fp32,rtn4,gptq4,awq4,bnb-nf44")
     parser.add_argument("--setup-peer", action="store_true", help="create llm-compressor's own venv first")
     a = parser.parse_args()
     if a.setup_peer:
@@ -165,11 +191,12 @@ def main() -> None:
                 ("gptq", bits, "gptq"),
                 ("awq", bits, "awq" if bits == 4 else "gptq"),
             ]
+        configs.append(("bnb-nf4", 4, "bitsandbytes"))
         if a.fp8:
             configs.append(("fp8", 8, "compressed-tensors"))
         base = {"model": model, "calib": calib and str(calib), "samples": samples, "seq_len": seq_len,
                 "group": group, "text": str(text_path), "max_length": 128 if a.quick else 512,
-                "gen_tokens": 8}  # fmt: skip
+                "gen_tokens": 8 if a.quick else 32, "true_sequential": not a.no_true_sequential}  # fmt: skip
         if a.only:
             wanted = a.only.split(",")
             configs = [c for c in configs if (c[0] if c[0] == "fp32" else f"{c[0]}{c[1]}") in wanted]
@@ -201,9 +228,11 @@ def main() -> None:
     for name, _, r in rows:
         rss = r.get("rss_quantize_mb", r["rss_mb"])
         size = (r["size_bytes"] or 0) / 1e6
+        via = "" if r.get("gen_via", "llmctl") == "llmctl" else f" ({r['gen_via']})"
         print(
-            f"{name:<28}{r['ppl']:>9.3f}{r['seconds']:>9.1f}{rss:>13.0f}{size:>9.1f}{r['gen_tok_s']:>11.1f}"
+            f"{name:<28}{r['ppl']:>9.3f}{r['seconds']:>9.1f}{rss:>13.0f}{size:>9.1f}{r['gen_tok_s']:>11.1f}{via}"
         )
+    print("gen tok/s: llmctl's engine (llmctl generate), batch 1, greedy; peak RSS: the quantizing process")
     if peer is None and not a.quick:
         print(f"llm-compressor: not run (no venv at {PEER_VENV}; --setup-peer creates it)")
     ppl = {name: r["ppl"] for name, _, r in rows}
@@ -216,7 +245,8 @@ def main() -> None:
         line += f"; AWQ/RTN {ppl['llmctl awq 4-bit'] / ppl['llmctl rtn 4-bit']:.3f}x"
     if peer:
         line += f"; llmctl GPTQ / llm-compressor GPTQ ppl {ppl['llmctl gptq 4-bit'] / peer[2]['ppl']:.3f}x"
-        line += f", time {rows[2][2]['seconds'] / peer[2]['seconds']:.2f}x"
+        gptq4 = next(r for name, _, r in rows if name == "llmctl gptq 4-bit")
+        line += f", time {gptq4['seconds'] / peer[2]['seconds']:.2f}x"
     print(line)
     assert math.isfinite(ratio_rtn)
 

@@ -1,4 +1,5 @@
-"""llmctl quantize: RTN, GPTQ, AWQ or FP8 weight quantization into GPTQ, AWQ or compressed-tensors."""
+"""llmctl quantize: RTN, GPTQ, AWQ or FP8 weight quantization into GPTQ, AWQ or compressed-tensors, and
+bitsandbytes NF4/int8 export."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ HELP = """Quantize a model's decoder linear layers and write a checkpoint other 
 
 Methods: rtn (round to nearest), gptq (Hessian-based error compensation, layer by layer on calibration
 text), awq (activation-aware scales folded into the preceding norm or linear, then asymmetric
-quantization), fp8 (e4m3, one scale per output channel). Formats: gptq (GPTQ v1, as AutoGPTQ/GPTQModel
+quantization), fp8 (e4m3, one scale per output channel), bnb-nf4 / bnb-int8 (bitsandbytes NF4 with double
+quant, or LLM.int8() weights, written as transformers saves a BitsAndBytesConfig model; needs the
+bitsandbytes package). Formats: gptq (GPTQ v1, as AutoGPTQ/GPTQModel
 write it), awq (AutoAWQ GEMM), compressed-tensors (pack-quantized / float-quantized, as llm-compressor and
 vLLM use). The group size must divide every quantized layer's input dimension. Calibration text comes
 from --calib (JSONL with a text field, or .txt), else a small built-in paragraph."""
@@ -51,6 +54,7 @@ class FormatName(StrEnum):
     gptq = "gptq"
     awq = "awq"
     compressed_tensors = "compressed-tensors"
+    bitsandbytes = "bitsandbytes"
 
 
 @cli_command("quantize")
@@ -78,6 +82,15 @@ def main(
     static_groups: Annotated[
         bool, typer.Option("--static-groups", help="GPTQ: fix every group's grid before any update.")
     ] = False,
+    true_sequential: Annotated[
+        bool,
+        typer.Option(
+            "--true-sequential/--no-true-sequential",
+            help="GPTQ: quantize q/k/v, o, gate/up, down in turn, each calibrated on the outputs of the "
+            "already-quantized ones (the reference's order); --no-true-sequential calibrates a whole layer "
+            "in one pass (as llm-compressor does: fewer layer forwards, faster).",
+        ),
+    ] = True,
     damp: Annotated[
         float, typer.Option("--damp", help="GPTQ dampening, a fraction of the mean Hessian diagonal.")
     ] = 0.01,
@@ -113,7 +126,8 @@ def main(
 
     opts = QuantizeOptions(
         method=method.value, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-        static_groups=static_groups, damp=damp, fmt=fmt.value if fmt else None,
+        static_groups=static_groups, damp=damp, true_sequential=true_sequential,
+        fmt=fmt.value if fmt else None,
         skip=[s.strip() for s in skip.split(",") if s.strip()],
         calib=CalibrationSpec(calib, text_field, calib_samples, calib_seq_len), batch_size=batch_size,
     )  # fmt: skip

@@ -57,7 +57,7 @@ def test_awq_calibrates_on_a_jsonl_file(cli, tiny_model, tmp_path):
     ("args", "code", "message"),
     [
         (["--group-size", "48"], 2, "--group-size 48 does not divide model.layers.0.self_attn.q_proj"),
-        (["--method", "bnb-nf4"], 2, "bitsandbytes NF4 export is not implemented"),
+        (["--method", "bnb-nf4", "--format", "gptq"], 2, "--method bnb-nf4 writes --format bitsandbytes"),
         (["--method", "awq", "--format", "awq", "--bits", "3"], 2, "--format awq stores asymmetric 4-bit"),
         (["--method", "rtn", "--act-order"], 2, "--act-order applies to --method gptq only"),
         (["--calib", "SMALL", "--calib-samples", "4", "--group-size", "32"], 3, "small.jsonl has"),
@@ -97,3 +97,10 @@ def test_llmctl_eval_scores_a_quantized_model_close_to_the_original(cli, tiny_mo
         assert result.exit_code == 0, result.stderr
         scores[name] = json.loads(result.stdout)["results"]["perplexity"]["byte_perplexity,none"]
     assert scores["q8"] == pytest.approx(scores["fp"], rel=0.02)  # 8-bit RTN barely moves perplexity
+
+
+def test_gptq_without_true_sequential_calibrates_each_layer_in_one_pass(cli, tiny_model, tmp_path):
+    out = tmp_path / "gptq"
+    result = cli("quantize", tiny_model, "--method", "gptq", "--no-true-sequential", "-o", out, *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["true_sequential"] is False

@@ -130,9 +130,24 @@ class LayerInputs:
         self, layer: nn.Module, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]
     ) -> None:
         """Run ``layer`` once over the calibration batches, calling ``fn(name, input)`` with the input of
-        each module in ``modules`` (``[batch, seq, in_features]``) as it is computed."""
-        with hooks(modules, fn):
-            self.forward(layer, keep=False)
+        each module in ``modules`` (``[batch, seq, in_features]``) as it is computed. Each batch's forward
+        stops as soon as every module has seen its input: the rest of the layer is not computed (GPTQ's
+        true-sequential sets would otherwise cost a whole layer forward each)."""
+        seen: set[str] = set()
+
+        def record(name: str, x: torch.Tensor) -> None:
+            fn(name, x)
+            seen.add(name)
+            if len(seen) == len(modules):
+                raise _StopForward
+
+        with hooks(modules, record):
+            for h, kw in zip(self.hidden, self.kwargs, strict=True):
+                seen.clear()
+                try:
+                    layer(h, **kw)
+                except _StopForward:
+                    pass
 
 
 @contextmanager

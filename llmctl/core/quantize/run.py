@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from llmctl.core.errors import UsageError
+from llmctl.core.quantize import bnb
 from llmctl.core.quantize import formats as F
 from llmctl.core.quantize.calib import (
     CalibrationSpec,
@@ -28,6 +30,8 @@ from llmctl.core.quantize.calib import (
     run_layerwise,
 )
 from llmctl.core.quantize.rtn import SUPPORTED_BITS, check_group_size, fp8_quantize, rtn_quantize
+
+BNB_KINDS = bnb.KINDS  # --method -> bitsandbytes kind
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,11 @@ METHODS = {
     "gptq": Method("gptq", "https://arxiv.org/abs/2210.17323", True, "gptq", True),
     "awq": Method("awq", "https://arxiv.org/abs/2306.00978", True, "awq", False),
     "fp8": Method("fp8", "https://arxiv.org/abs/2209.05433", False, "compressed-tensors", True),
+    "bnb-nf4": Method("bnb-nf4", "https://arxiv.org/abs/2305.14314", False, "bitsandbytes", True),
+    "bnb-int8": Method("bnb-int8", "https://arxiv.org/abs/2208.07339", False, "bitsandbytes", True),
 }
-_BNB = "export is not implemented yet (it needs bitsandbytes' serialised quant state)"
-UNSUPPORTED_METHODS = {"bnb-nf4": f"bitsandbytes NF4 {_BNB}", "bnb-int8": f"bitsandbytes int8 {_BNB}"}
+UNSUPPORTED_METHODS: dict[str, str] = {}
+BNB_FORMAT = "bitsandbytes"  # what transformers writes for a BitsAndBytesConfig model (quantize/bnb.py)
 # True-sequential order inside a Llama-like layer: each set is quantized on inputs from the sets before it.
 SEQUENTIAL = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -84,6 +90,13 @@ class QuantizeOptions:
         out = QuantizeOptions(**{**self.__dict__})
         out.sym = m.default_sym if self.sym is None else self.sym
         out.fmt = self.fmt or m.default_format
+        if self.method in BNB_KINDS:
+            if out.fmt != BNB_FORMAT:
+                raise UsageError(f"--method {self.method} writes --format {BNB_FORMAT} only")
+            if out.act_order:
+                raise UsageError("--act-order applies to --method gptq only")
+            out.bits, out.group_size = (4, bnb.NF4_BLOCKSIZE) if self.method == "bnb-nf4" else (8, -1)
+            return out
         if out.fmt not in F.FORMATS:
             raise UsageError(f"unknown --format {out.fmt!r}; choose one of {', '.join(F.FORMATS)}")
         if self.method == "fp8":
@@ -116,7 +129,7 @@ def _quantizable(model, opts: QuantizeOptions) -> dict[str, nn.Linear]:
         for name, lin in linears_of(layer, opts.skip).items():
             full = f"{prefix}.{i}.{name}"
             n, k = lin.weight.shape
-            if opts.method != "fp8":
+            if opts.method not in ("fp8", *BNB_KINDS):
                 check_group_size(k, opts.group_size, full)
                 if (k * opts.bits) % 32 or (opts.fmt == "gptq" and (n * opts.bits) % 32):
                     raise UsageError(f"{full} ({n}x{k}) cannot be packed in {opts.bits}-bit int32 words")
@@ -126,7 +139,7 @@ def _quantizable(model, opts: QuantizeOptions) -> dict[str, nn.Linear]:
     return found
 
 
-def _store(lin: nn.Linear, qw: F.QuantizedWeight, fmt: str | None = None) -> F.QuantizedWeight:
+def _store(lin: nn.Linear, qw, fmt: str | None = None):
     """Put the dequantized weight back into the fp model (later layers calibrate on it)."""
     if fmt == "gptq" and not qw.sym:
         F.v1_representable(qw)
@@ -141,11 +154,31 @@ def _rtn_like(model, targets, opts, progress) -> dict[str, F.QuantizedWeight]:
     for name, lin in targets.items():
         if opts.method == "fp8":
             qw = fp8_quantize(lin.weight)
+        elif opts.method in BNB_KINDS:
+            qw = bnb.bnb_quantize(lin.weight, BNB_KINDS[opts.method])
         else:
             qw = rtn_quantize(lin.weight, bits=opts.bits, group_size=opts.group_size, sym=opts.sym)
         out[name] = _store(lin, qw, opts.fmt)
         progress()
     return out
+
+
+def _shared_hessians(acc: dict) -> tuple[Callable[[str, torch.Tensor], None], dict[str, str]]:
+    """A ``collect`` callback that adds each input to its module's Hessian once per tensor: modules fed
+    the very same tensor in a row (q/k/v, gate/up) are recorded in ``alias`` (name -> the module whose
+    accumulator took it) instead of repeating the ``XᵀX`` product. The layer's forward is deterministic,
+    so a module aliased in one batch is aliased in every batch."""
+    last: list = [None, None]
+    alias: dict[str, str] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        if x is last[0]:
+            alias[name] = alias.get(last[1], last[1])
+            return
+        acc[name].add(x)
+        last[0], last[1] = x, name
+
+    return add, alias
 
 
 def _gptq(model, targets, opts, ids, progress, warn) -> dict[str, F.QuantizedWeight]:
@@ -166,7 +199,9 @@ def _gptq(model, targets, opts, ids, progress, warn) -> dict[str, F.QuantizedWei
         sets = [s for s in sets if s] + ([rest] if rest else [])
         for names in sets:
             acc = {n: HessianAccumulator(own[n].in_features) for n in names}
-            inputs.collect(layer, {n: own[n] for n in names}, lambda n, x, acc=acc: acc[n].add(x))
+            add, alias = _shared_hessians(acc)
+            inputs.collect(layer, {n: own[n] for n in names}, add)
+            acc.update({n: acc[owner] for n, owner in alias.items()})
             for n in names:
                 full = f"{prefix}.{index}.{n}"
                 qw = gptq_quantize(
@@ -225,7 +260,7 @@ def quantize_loaded(model, tokenizer, opts: QuantizeOptions, *, warn=None, progr
 def quantized_state_dict(model, quantized: dict[str, F.QuantizedWeight], fmt: str) -> dict[str, torch.Tensor]:
     """Every tensor of the output checkpoint: the model's own tensors (minus quantized weights and a tied
     ``lm_head``) plus each quantized layer's tensors in ``fmt``."""
-    writer = F.WRITERS[fmt]
+    writer = bnb.BnbWeight.checkpoint_tensors if fmt == BNB_FORMAT else F.WRITERS[fmt]
     state = {}
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
@@ -253,11 +288,14 @@ def write_quantized(
         name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized
         and name != "lm_head"
     )  # fmt: skip
-    qc = F.quantization_config(
-        opts.fmt, bits=opts.bits, group_size=opts.group_size, sym=opts.sym, act_order=opts.act_order,
-        damp=opts.damp, static_groups=opts.static_groups, true_sequential=opts.true_sequential, kind=kind,
-        ignore=ignore, method=opts.method, version=__version__,
-    )  # fmt: skip
+    if opts.fmt == BNB_FORMAT:
+        qc = bnb.quantization_config(BNB_KINDS[opts.method], skip_modules=ignore if len(ignore) > 1 else None)
+    else:
+        qc = F.quantization_config(
+            opts.fmt, bits=opts.bits, group_size=opts.group_size, sym=opts.sym, act_order=opts.act_order,
+            damp=opts.damp, static_groups=opts.static_groups, true_sequential=opts.true_sequential,
+            kind=kind, ignore=ignore, method=opts.method, version=__version__,
+        )  # fmt: skip
     save_file(quantized_state_dict(model, quantized, opts.fmt), str(directory / "model.safetensors"),
               metadata={"format": "pt"})  # fmt: skip
     config = model.config.to_dict()

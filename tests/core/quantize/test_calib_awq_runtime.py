@@ -178,3 +178,22 @@ def test_transformers_with_compressed_tensors_loads_the_output_with_the_same_log
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.allclose(theirs(ids).logits, ours(ids).logits, atol=1e-5)
+
+
+def test_collect_stops_each_batch_once_every_module_has_seen_its_input(fp):
+    from llmctl.core.quantize.calib import capture_first_layer_inputs
+
+    model, tok = fp
+    ids = calibration_ids(tok, CalibrationSpec(None, samples=3, seq_len=16))
+    inputs = capture_first_layer_inputs(model, ids, batch_size=2)
+    layer = decoder_layers(model)[0]
+    later = []
+    handle = layer.mlp.down_proj.register_forward_hook(lambda *a: later.append(1))
+    seen = []
+    try:
+        inputs.collect(
+            layer, {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj}, lambda n, x: seen.append(n)
+        )
+    finally:
+        handle.remove()
+    assert seen == ["q", "k"] * len(inputs.hidden) and not later  # the MLP never ran

@@ -137,3 +137,25 @@ def test_cholesky_failure_raises_the_damp_with_a_warning():
     )
     assert qw.qweight.shape == (2, 2)
     assert len(warnings) == 1 and "lin" in warnings[0] and "damp" in warnings[0]
+
+
+def test_modules_fed_the_same_tensor_share_one_hessian_accumulation():
+    from llmctl.core.quantize.run import _shared_hessians
+
+    acc = {n: HessianAccumulator(8) for n in ("q", "k", "v", "o")}
+    add, alias = _shared_hessians(acc)
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    for name, t in (("q", x), ("k", x), ("v", x), ("o", y)):
+        add(name, t)
+    assert alias == {"k": "q", "v": "q"} and acc["k"].n == 0 and acc["o"].n == 10
+    assert torch.allclose(acc["q"].H, 2 * x.reshape(-1, 8).T @ x.reshape(-1, 8) / 10, atol=1e-5)
+
+
+def test_hessian_from_a_cholesky_solve_equals_the_cholesky_inverse():
+    from llmctl.core.quantize.gptq import _damped_cholesky_inverse
+
+    x = torch.randn(200, 24, dtype=torch.float64)
+    H = (x.T @ x).float()
+    U = _damped_cholesky_inverse(H, 0.01, None, "l")
+    damped = H + 0.01 * torch.diag(H).mean() * torch.eye(24)
+    assert torch.allclose(U.T @ U, torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
