@@ -1,15 +1,19 @@
-"""Perplexity after pruning: dense vs magnitude vs Wanda vs SparseGPT (50% and 2:4), and layer dropping.
+"""Perplexity after pruning: dense vs magnitude vs Wanda vs SparseGPT (50% and 2:4), layer dropping (with and
+without recovery fine-tuning) and low-rank factorization.
 
 All methods prune the same model in the same run with llmctl's library (``llmctl.core.prune``),
 calibrated on the same text (the first half of WikiText-2 test, 32 sequences of 512 tokens, as in the
 Wanda paper's setting) and evaluated on held-out text (the second half), with ``llmctl eval``'s rolling
 windows (every token scored once). Layer dropping reports perplexity and greedy-generation tokens/s;
 progressive dropping on GSM8K train text is compared with one-shot ShortGPT at the same depth on GSM8K
-test text (in-domain). No peer tool runs here: the Wanda/SparseGPT reference repositories are research
-scripts for CUDA, and llm-compressor pins an older transformers.
+test text (in-domain), without and with ``--recover-steps`` (LoRA between removals, TrimLLM-style). Low-rank
+rows factor every decoder linear at a rank ratio (plain and activation-weighted SVD) and report perplexity,
+size and greedy tokens/s of the factored model. No peer tool runs here: the Wanda/SparseGPT reference
+repositories are research scripts for CUDA, and llm-compressor pins an older transformers.
 
     python benchmarks/prune.py            # SmolLM2-135M-Instruct, WikiText-2 + GSM8K from ../shared/data
     python benchmarks/prune.py --quick    # tiny random model and synthetic text, seconds
+    python benchmarks/prune.py --only lowrank   # one group: unstructured, layers, lowrank or recovery
 """
 
 from __future__ import annotations
@@ -79,7 +83,19 @@ def main() -> None:
     )
     parser.add_argument("--no-progressive", action="store_true", help="skip progressive layer dropping")
     parser.add_argument(
-        "--only", choices=["unstructured", "layers"], help="run one half (the two halves can run in parallel)"
+        "--only",
+        choices=["unstructured", "layers", "lowrank", "recovery"],
+        help="run one group of rows (groups can run in parallel)",
+    )
+    parser.add_argument(
+        "--rank-ratio",
+        type=float,
+        action="append",
+        help="lowrank rank ratios (default 0.6 and 0.4; quick 0.25)",
+    )
+    parser.add_argument("--recover-steps", type=int, help="recovery steps per removal (default 16; quick 3)")
+    parser.add_argument(
+        "--drop", type=int, help="layers dropped by the progressive/recovery rows (default 25%%)"
     )
     args = parser.parse_args()
 
@@ -113,6 +129,7 @@ def main() -> None:
         n_layers = len(decoder_layers(load_model(ref, device="cpu", dtype="float32")))
 
         rows = []
+        groups = {args.only} if args.only else {"unstructured", "layers", "lowrank", "recovery"}
 
         def run(label: str, opts: PruneOptions | None, speed: bool = False, domain: bool = False) -> dict:
             model = load_model(ref, device="cpu", dtype="float32")
@@ -125,6 +142,10 @@ def main() -> None:
                 "sparsity": report.get("sparsity"),
                 "layers": len(decoder_layers(model)),
                 "params": count_parameters(model),
+                "size_mb": sum(
+                    p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                )
+                / 2**20,
                 "ppl": perplexity(model, tokenizer, [held], batch_size=4, max_length=max_length),
             }
             if domain:
@@ -134,11 +155,12 @@ def main() -> None:
             if speed:
                 row["tok_s"] = tokens_per_second(model, tokenizer, new_tokens)
             rows.append(row)
-            print(f"  {label}: ppl {row['ppl']:.2f} ({seconds:.1f}s)", file=sys.stderr, flush=True)
+            dom = f", in-domain ppl {row['domain_ppl']:.2f}" if domain else ""
+            print(f"  {label}: ppl {row['ppl']:.2f}{dom} ({seconds:.1f}s)", file=sys.stderr, flush=True)
             return row
 
         dense = run("dense", None, speed=True, domain=True)
-        for target in ("0.5", "2:4") if args.only != "layers" else ():
+        for target in ("0.5", "2:4") if "unstructured" in groups else ():
             for method in ("magnitude", "wanda", "sparsegpt"):
                 opts = PruneOptions(method=method, calib=spec)
                 if target == "0.5":
@@ -146,32 +168,62 @@ def main() -> None:
                 else:
                     opts.pattern = target
                 run(f"{method} {'50%' if target == '0.5' else target}", opts)
-        quarter = max(1, round(n_layers * 0.25))
+        quarter = args.drop or max(1, round(n_layers * 0.25))
         half = max(1, round(n_layers * 0.5))
-        for k in sorted({quarter, half}) if args.only != "unstructured" else ():
+        for k in sorted({quarter, half}) if "layers" in groups else ():
             for score in ("block-influence", "angular"):
                 opts = PruneOptions(method="layers", score=score, drop=k, calib=spec)
                 run(f"layers {score} -{k}/{n_layers}", opts, speed=True, domain=k == quarter)
-        if not args.no_progressive and args.only != "unstructured":
-            dspec = replace(spec, samples=2 if quick else 4, seq_len=64 if quick else 256)
+        dspec = replace(spec, samples=2 if quick else 4, seq_len=64 if quick else 256)
+        if not args.no_progressive and groups & {"layers", "recovery"}:
             run(f"progressive (GSM8K) -{quarter}/{n_layers}",
                 PruneOptions(method="progressive-layers", domain=domain_path, drop=quarter, calib=dspec),
                 speed=True, domain=True)  # fmt: skip
+        if "recovery" in groups:
+            if "layers" not in groups:
+                opts = PruneOptions(method="layers", score="block-influence", drop=quarter, calib=spec)
+                run(f"layers block-influence -{quarter}/{n_layers}", opts, speed=True, domain=True)
+            steps = args.recover_steps or (3 if quick else 16)
+            run(f"progressive + {steps} LoRA steps -{quarter}/{n_layers}",
+                PruneOptions(method="progressive-layers", domain=domain_path, drop=quarter, calib=dspec,
+                             recover_steps=steps, recover_lr=2e-4 if not quick else 5e-3),
+                speed=True, domain=True)  # fmt: skip
+        ratios = args.rank_ratio or ([0.25] if quick else [0.6, 0.4])
+        for ratio in ratios if "lowrank" in groups else ():
+            for weighted in (False, True):
+                opts = PruneOptions(
+                    method="lowrank", rank_ratio=ratio, activation_weighted=weighted, calib=spec
+                )
+                run(f"lowrank {ratio:g}{' act-weighted' if weighted else ''}", opts, speed=True)
 
     print(
         f"model: {model_dir}; calibration: {spec.samples} x {spec.seq_len} tokens; held-out:"
         f" {eval_chars} chars, windows of {max_length}; torch {torch.__version__},"
         f" threads {torch.get_num_threads()}"
     )
-    print(f"{'method':<34}{'sparsity':>9}{'layers':>7}{'params':>13}{'ppl':>11}{'vs dense':>9}"
+    print(f"{'method':<40}{'sparsity':>9}{'layers':>7}{'params':>13}{'MB':>8}{'ppl':>11}{'vs dense':>9}"
           f"{'GSM8K ppl':>11}{'tok/s':>8}{'prune s':>9}")  # fmt: skip
     for r in rows:
         sp = "-" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
         dom = f"{r['domain_ppl']:.2f}" if "domain_ppl" in r else "-"
         tps = f"{r['tok_s']:.1f}" if "tok_s" in r else "-"
-        print(f"{r['label']:<34}{sp:>9}{r['layers']:>7}{r['params']:>13,}{r['ppl']:>11.2f}"
+        print(f"{r['label']:<40}{sp:>9}{r['layers']:>7}{r['params']:>13,}{r['size_mb']:>8.1f}{r['ppl']:>11.2f}"
               f"{r['ppl'] / dense['ppl']:>8.2f}x{dom:>11}{tps:>8}{r['seconds']:>9.1f}")  # fmt: skip
     by = {r["label"]: r for r in rows}
+    if args.only == "lowrank":
+        best = min((r for r in rows if r["label"].startswith("lowrank")), key=lambda r: r["ppl"])
+        print(f"{best['label']}: ppl vs dense {best['ppl'] / dense['ppl']:.2f}x; parameters "
+              f"{best['params'] / dense['params']:.2f}x; "
+              f"tokens/s vs dense {best['tok_s'] / dense['tok_s']:.2f}x")  # fmt: skip
+        return
+    if args.only == "recovery":
+        shallow = by[f"layers block-influence -{quarter}/{n_layers}"]
+        rec = next(r for r in rows if "LoRA steps" in r["label"])
+        prog = by.get(f"progressive (GSM8K) -{quarter}/{n_layers}", rec)
+        print(f"GSM8K ppl at -{quarter} layers: progressive+recovery / progressive "
+              f"{rec['domain_ppl'] / prog['domain_ppl']:.3f}x; progressive+recovery / one-shot ShortGPT "
+              f"{rec['domain_ppl'] / shallow['domain_ppl']:.3f}x")  # fmt: skip
+        return
     if args.only == "layers":
         shallow = by[f"layers block-influence -{quarter}/{n_layers}"]
         prog = by.get(f"progressive (GSM8K) -{quarter}/{n_layers}", shallow)

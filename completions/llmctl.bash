@@ -206,7 +206,7 @@ _llmctl() {
     prune)
         case "$prev" in
             -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-            --method) COMPREPLY=($(compgen -W "magnitude wanda sparsegpt layers progressive-layers heads channels" -- "$cur")); return ;;
+            --method) COMPREPLY=($(compgen -W "magnitude wanda sparsegpt layers progressive-layers heads channels lowrank" -- "$cur")); return ;;
             --sparsity) COMPREPLY=(); return ;;
             --pattern) COMPREPLY=(); return ;;
             --score) COMPREPLY=($(compgen -W "block-influence angular ppl" -- "$cur")); return ;;
@@ -221,11 +221,15 @@ _llmctl() {
             --eval) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             --damp) COMPREPLY=(); return ;;
             --skip) COMPREPLY=(); return ;;
+            --rank-ratio) COMPREPLY=(); return ;;
+            --energy) COMPREPLY=(); return ;;
+            --recover-steps) COMPREPLY=(); return ;;
+            --recover-lr) COMPREPLY=(); return ;;
             --batch-size) COMPREPLY=(); return ;;
             --seed) COMPREPLY=(); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --method --sparsity --pattern --score --drop --keep-ratio --domain --max-loss-increase --calib --text-field --calib-samples --calib-seq-len --eval --damp --skip --batch-size --seed --force --json -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --method --sparsity --pattern --score --drop --keep-ratio --domain --max-loss-increase --calib --text-field --calib-samples --calib-seq-len --eval --damp --skip --rank-ratio --energy --activation-weighted --materialize --recover-steps --recover-lr --batch-size --seed --force --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     quantize)
@@ -239,13 +243,13 @@ _llmctl() {
             --text-field) COMPREPLY=(); return ;;
             --calib-samples) COMPREPLY=(); return ;;
             --calib-seq-len) COMPREPLY=(); return ;;
-            --format) COMPREPLY=($(compgen -W "gptq awq compressed-tensors" -- "$cur")); return ;;
+            --format) COMPREPLY=($(compgen -W "gptq awq compressed-tensors bitsandbytes" -- "$cur")); return ;;
             --skip) COMPREPLY=(); return ;;
             --batch-size) COMPREPLY=(); return ;;
             --seed) COMPREPLY=(); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --method --bits --group-size --sym --asym --act-order --static-groups --damp --calib --text-field --calib-samples --calib-seq-len --format --skip --batch-size --seed --force --json -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --method --bits --group-size --sym --asym --act-order --static-groups --true-sequential --no-true-sequential --damp --calib --text-field --calib-samples --calib-seq-len --format --skip --batch-size --seed --force --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     serve)
@@ -262,11 +266,14 @@ _llmctl() {
             --max-waiting) COMPREPLY=(); return ;;
             --shutdown-timeout) COMPREPLY=(); return ;;
             --draft) COMPREPLY=(); return ;;
+            --num-draft-tokens) COMPREPLY=(); return ;;
+            --prompt-lookup) COMPREPLY=(); return ;;
+            --lookup-ngram) COMPREPLY=(); return ;;
             --device) COMPREPLY=(); return ;;
             --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--host --port --api-key --served-model-name --max-num-seqs --max-num-batched-tokens --block-size --kv-cache-memory --num-blocks --no-prefix-caching --max-waiting --shutdown-timeout --draft --device --dtype -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--host --port --api-key --served-model-name --max-num-seqs --max-num-batched-tokens --block-size --kv-cache-memory --num-blocks --no-prefix-caching --max-waiting --shutdown-timeout --draft --num-draft-tokens --prompt-lookup --lookup-ngram --device --dtype -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     tokenize)

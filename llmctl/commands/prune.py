@@ -38,13 +38,23 @@ drops --drop K layers (or keeps --keep-ratio R of them) by --score block-influen
 a layer's input and output), angular (Gromov et al.: the most redundant block of K adjacent layers) or
 ppl (the layers whose lone removal raises calibration loss least). --method progressive-layers removes,
 one at a time, the layer whose removal raises the loss on --domain text least, until --drop/--keep-ratio
-is reached or the next removal would raise it by more than --max-loss-increase nats per token (no recovery
-fine-tuning between removals).
+is reached or the next removal would raise it by more than --max-loss-increase nats per token; with
+--recover-steps N, N steps of LoRA fine-tuning on the --domain text follow each removal (TrimLLM's recovery;
+the LoRA is merged, the output stays a plain model). --method layers --recover-steps N trains once after
+the drop, on the calibration text.
 
 Width (a physically smaller model): --method channels keeps --keep-ratio R of each layer's MLP channels,
 --method heads keeps that share of the attention head groups (a key/value head with its query heads, so
 GQA holds), by activation-weighted importance on the calibration text. Configs hold one width for all
 layers, so every layer keeps the same count (which units are kept is chosen per layer).
+
+Low rank: --method lowrank factors each decoder linear W by a truncated SVD into two thinner linears
+(B after A), at --rank-ratio R (rank = R x min(in, out)) or --energy E (the smallest rank holding E of the
+squared singular values); --activation-weighted truncates W·diag(s), s the calibration input norms
+(ASVD-style), so the output error rather than the weight error is minimised. A linear whose factors would
+not be smaller stays dense (reported). The output stores NAME.lowrank_a.weight and NAME.lowrank_b.weight
+with the ranks in config.json ("llmctl_lowrank"): llmctl eval, generate and serve load it; other tools do
+not, so --materialize writes the equivalent dense model (B·A multiplied back) instead.
 
 Calibration text comes from --calib (JSONL with a text field, or .txt), else a small built-in paragraph.
 A per-layer report goes to stderr (or --json on stdout); --eval FILE adds perplexity before and after."""
@@ -64,6 +74,7 @@ class MethodName(StrEnum):
     progressive_layers = "progressive-layers"
     heads = "heads"
     channels = "channels"
+    lowrank = "lowrank"
 
 
 class ScoreName(StrEnum):
@@ -122,6 +133,26 @@ def main(
     skip: Annotated[
         str, typer.Option("--skip", help="Comma-separated linear names left dense, e.g. down_proj.")
     ] = "",
+    rank_ratio: Annotated[
+        float | None,
+        typer.Option("--rank-ratio", help="lowrank: rank as a fraction of min(in, out), (0, 1]."),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option("--energy", help="lowrank: keep this share of the squared singular values, (0, 1]."),
+    ] = None,
+    activation_weighted: Annotated[
+        bool,
+        typer.Option("--activation-weighted", help="lowrank: SVD of W·diag(input norms) on --calib text."),
+    ] = False,
+    materialize: Annotated[
+        bool, typer.Option("--materialize", help="lowrank: write the dense product (loads anywhere).")
+    ] = False,
+    recover_steps: Annotated[
+        int,
+        typer.Option("--recover-steps", help="layers/progressive-layers: LoRA recovery steps per removal."),
+    ] = 0,
+    recover_lr: Annotated[float, typer.Option("--recover-lr", help="Recovery learning rate.")] = 2e-4,
     batch_size: BatchSizeOpt = 8,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
@@ -138,6 +169,8 @@ def main(
         keep_ratio=keep_ratio, domain=domain, max_loss_increase=max_loss_increase,
         calib=CalibrationSpec(calib, text_field, calib_samples, calib_seq_len), eval_path=eval_path,
         damp=damp, skip=tuple(s.strip() for s in skip.split(",") if s.strip()), batch_size=batch_size,
+        rank_ratio=rank_ratio, energy=energy, activation_weighted=activation_weighted,
+        materialize=materialize, recover_steps=recover_steps, recover_lr=recover_lr,
     )  # fmt: skip
     with ui.progress("prune") as bar:
         summary = prune_model(model, output, opts, force=force, warn=ui.warn, progress=bar.advance, seed=seed)

@@ -267,9 +267,16 @@ def load_decoder(ref, *, device: str = "auto", dtype: str = "auto") -> tuple[Dec
     args = ModelArgs.from_hf(config)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev, getattr(config, "dtype", None))
-    state = _state_dict(ref, torch_dtype)
+    quantized = _quantized_checkpoint(ref)  # GPTQ/AWQ/compressed-tensors directories, else None
+    state = quantized.state if quantized else _state_dict(ref, torch_dtype)
     with torch.device("meta"):  # no memory for random weights that are overwritten at once
         model = DecoderLM(args, config)
+    if quantized:  # quantized linears become llmctl.core.quantize's W4A16Linear / QuantLinear
+        state.update(quantized.install(model, torch_dtype, device=dev))
+    if getattr(config, "llmctl_lowrank", None):  # llmctl prune --method lowrank: factored linears
+        from llmctl.core.prune.lowrank import apply_lowrank  # (see there); swapped on meta, loaded below
+
+        apply_lowrank(model, config.llmctl_lowrank)
     inv_freq, _ = _rope_parameters(config)
     if args.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -320,3 +327,17 @@ def _state_dict(ref, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ModelError(f"cannot read {file}: {e}") from e
     return state
+
+
+def _quantized_checkpoint(ref):
+    """The quantized layers and other tensors of a GPTQ/AWQ/compressed-tensors directory, or None."""
+    from llmctl.core.quantize.runtime import is_quantized_checkpoint, quant_method_of, read_quantized
+
+    if ref.kind != "hf" or not is_quantized_checkpoint(ref.path):
+        if ref.kind == "hf" and quant_method_of(ref.path) == "bitsandbytes":
+            raise ModelError(
+                f"{ref.path} is a bitsandbytes checkpoint: llmctl's engine does not run it "
+                "(llmctl eval loads it through transformers); quantize with gptq, awq or fp8 to generate"
+            )
+        return None
+    return read_quantized(ref.path)

@@ -114,6 +114,11 @@ def load_model(ref: ModelRef, *, device: str = "auto", dtype: str = "auto"):
         model = load_quantized(ref.path, dtype=torch_dtype)  # W4A16 kernel (no gptqmodel/autoawq needed)
         model.to(dev)
         return model.eval()
+    # llmctl prune --method lowrank: factored linears (config.json "llmctl_lowrank"); see prune/lowrank.py
+    from llmctl.core.prune import lowrank
+
+    if ref.kind == "hf" and lowrank.spec_of(ref.path):
+        return lowrank.load_hf(ref.path, dtype=torch_dtype).to(dev).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype, **extra)
     except Exception as e:

@@ -1,5 +1,7 @@
-"""Pruning: unstructured (magnitude, Wanda, SparseGPT, N:M) and depth (ShortGPT block influence, angular
-distance, perplexity, progressive in-domain) into Hugging Face directories that load anywhere.
+"""Pruning: unstructured (magnitude, Wanda, SparseGPT, N:M), depth (ShortGPT block influence, angular
+distance, perplexity, progressive in-domain with optional LoRA recovery), width (MLP channels, GQA head
+groups) into Hugging Face directories that load anywhere, and low-rank factorization (a factored checkpoint
+llmctl loads, or its dense product).
 
 from llmctl.core.prune import PruneOptions, prune_model
 prune_model("model_dir", Path("out"), PruneOptions(method="wanda", sparsity=0.5))

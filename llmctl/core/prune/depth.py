@@ -15,7 +15,8 @@ Scores (one forward pass of the calibration set, hooks on every decoder layer):
 
 :func:`progressive_drop` is the greedy, iterative variant in the style of TrimLLM (progressive layer
 dropping for a target domain): remove the layer whose removal hurts the in-domain loss least, re-score,
-repeat. TrimLLM also fine-tunes between removals; this does not (see the command's help).
+repeat; with ``recover`` (TrimLLM's recovery fine-tuning) a short training run on the in-domain windows
+follows each removal, so the next choice is made on the recovered model.
 """
 
 from __future__ import annotations
@@ -263,10 +264,13 @@ def progressive_drop(
     max_loss_increase: float | None = None,
     batch_size: int = 8,
     progress: Callable[[], None] | None = None,
+    recover: Callable[[Any, torch.Tensor], dict[str, Any]] | None = None,
 ) -> DepthPlan:
     """Greedy: repeatedly find the layer whose removal (given the ones already removed) gives the lowest
     in-domain loss, and remove it; stop after ``max_drop`` layers, or before a removal that would raise
-    the loss more than ``max_loss_increase`` nats/token above the unpruned model's."""
+    the loss more than ``max_loss_increase`` nats/token above the unpruned model's. ``recover(model, ids)``
+    (if given) trains the model without the removed layers after each removal, in place (the weights of
+    the kept layers change; the loss after recovery is in the history)."""
     n = len(decoder_layers(model))
     base = mean_loss(model, ids, batch_size)
     removed: list[int] = []
@@ -282,5 +286,14 @@ def progressive_drop(
             break
         removed.append(best)
         scores[best] = losses[best] - base
-        history.append({"removed": best, "loss": losses[best], "loss_increase": losses[best] - base})
-    return DepthPlan(sorted(removed), scores, "domain-loss", {"domain_loss": base, "history": history})
+        row = {"removed": best, "loss": losses[best], "loss_increase": losses[best] - base}
+        if recover is not None:
+            with without_layers(model, removed):
+                stats = recover(model, ids)
+                row["recovered_loss"] = mean_loss(model, ids, batch_size)
+            row["recovery_steps"] = stats["steps"]
+        history.append(row)
+    details: dict[str, Any] = {"domain_loss": base, "history": history}
+    if recover is not None and history:
+        details["final_domain_loss"] = history[-1]["recovered_loss"]
+    return DepthPlan(sorted(removed), scores, "domain-loss", details)

@@ -8,7 +8,14 @@ Methods (the registry :data:`METHODS`):
   ``progressive-layers`` (greedy on in-domain text): a physically shallower model
   (:mod:`llmctl.core.prune.depth`);
 * width — ``channels`` (MLP) and ``heads`` (GQA head groups) at ``keep_ratio``: a physically narrower
-  model (:mod:`llmctl.core.prune.width`).
+  model (:mod:`llmctl.core.prune.width`);
+* low rank — ``lowrank`` at ``rank_ratio`` or ``energy`` (optionally activation-weighted): linears
+  factored by a truncated SVD into two thinner ones, written factored (llmctl's runtime loads it) or, with
+  ``materialize``, dense (:mod:`llmctl.core.prune.lowrank`).
+
+Depth methods can run a short LoRA recovery fine-tuning (``recover_steps``, TrimLLM-style) on the
+calibration / in-domain windows: after each removal for ``progressive-layers``, once after the drop for
+``layers`` (:func:`llmctl.core.finetune.steps.train_steps`).
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ class Method:
 
 
 SHORTGPT = "https://arxiv.org/abs/2403.03853 (ShortGPT), https://arxiv.org/abs/2403.17887 (angular)"
-TRIMLLM = "TrimLLM-style greedy dropping on in-domain loss"
+TRIMLLM = "TrimLLM-style greedy dropping on in-domain loss (https://arxiv.org/abs/2412.11242)"
+LOWRANK = "truncated SVD; activation-weighted like ASVD (https://arxiv.org/abs/2312.05821)"
 WIDTH = "activation-weighted {} importance (Wanda's score, structured)"
 METHODS = {
     **{name: Method(name, m.url, "unstructured") for name, m in UNSTRUCTURED.items()},
@@ -49,6 +57,7 @@ METHODS = {
     "progressive-layers": Method("progressive-layers", TRIMLLM, "depth"),
     "heads": Method("heads", WIDTH.format("attention head group"), "width"),
     "channels": Method("channels", WIDTH.format("MLP channel"), "width"),
+    "lowrank": Method("lowrank", LOWRANK, "lowrank"),
 }
 
 DEFAULT_CALIB = CalibrationSpec(samples=32, seq_len=512)
@@ -69,12 +78,47 @@ class PruneOptions:
     damp: float = 0.01
     skip: tuple[str, ...] = ()
     batch_size: int = 8
+    rank_ratio: float | None = None  # lowrank
+    energy: float | None = None  # lowrank
+    activation_weighted: bool = False  # lowrank
+    materialize: bool = False  # lowrank
+    recover_steps: int = 0  # depth methods: LoRA recovery steps
+    recover_lr: float = 2e-4
 
     def check(self) -> None:
         """Every usage error that does not need the model, before anything is loaded."""
         if self.method not in METHODS:
             raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         kind = METHODS[self.method].kind
+        if self.recover_steps < 0:
+            raise UsageError(f"--recover-steps {self.recover_steps}: must be 0 or more")
+        if self.recover_steps and kind != "depth":
+            raise UsageError(f"--recover-steps applies to layers/progressive-layers, not {self.method}")
+        if self.recover_lr <= 0:
+            raise UsageError("--recover-lr must be positive")
+        if kind != "lowrank":
+            for flag, value in (
+                ("--rank-ratio", self.rank_ratio),
+                ("--energy", self.energy),
+                ("--activation-weighted", self.activation_weighted or None),
+                ("--materialize", self.materialize or None),
+            ):
+                if value is not None:
+                    raise UsageError(f"{flag} applies to --method lowrank, not {self.method}")
+        else:
+            from llmctl.core.prune.lowrank import check_lowrank_options
+
+            check_lowrank_options(self.rank_ratio, self.energy)
+            for flag, value in (
+                ("--sparsity", self.sparsity),
+                ("--pattern", self.pattern),
+                ("--drop", self.drop),
+                ("--keep-ratio", self.keep_ratio),
+                ("--domain", self.domain),
+            ):
+                if value is not None:
+                    raise UsageError(f"{flag} does not apply to --method lowrank")
+            return
         if kind == "unstructured":
             if (self.sparsity is None) == (self.pattern is None):
                 raise UsageError(f"--method {self.method} needs exactly one of --sparsity S or --pattern N:M")
@@ -185,11 +229,51 @@ def prune_loaded(model, tokenizer, opts: PruneOptions, *, warn=None, progress=No
         return prune_width(
             model, ids, opts.method, opts.keep_ratio, batch_size=opts.batch_size, progress=progress
         )
+    if kind == "lowrank":
+        from llmctl.core.prune.lowrank import prune_lowrank
+
+        ids = calibration_ids(tokenizer, opts.calib) if opts.activation_weighted else None
+        rows = prune_lowrank(
+            model, rank_ratio=opts.rank_ratio, energy=opts.energy, ids=ids, batch_size=opts.batch_size,
+            skip=opts.skip, progress=progress,
+        )  # fmt: skip
+        dense = [r["name"] for r in rows if not r["factored"]]
+        if dense:
+            warn(
+                f"{len(dense)} of {len(rows)} linears kept dense: at their rank two factors would not be "
+                f"smaller (e.g. {dense[0]})"
+            )
+        return {
+            "target": {"rank_ratio": opts.rank_ratio}
+            if opts.rank_ratio is not None
+            else {"energy": opts.energy},
+            "activation_weighted": opts.activation_weighted,
+            "factored": len(rows) - len(dense),
+            "kept_dense": dense,
+            "ranks": {r["name"]: r["rank"] for r in rows if r["factored"]},
+            "layers": rows,
+        }
     n = len(decoder_layers(model))
+    recover = None
+    if opts.recover_steps:
+        from llmctl.core.finetune.steps import train_steps
+
+        def recover(m, ids):
+            return train_steps(m, ids, steps=opts.recover_steps, lr=opts.recover_lr,
+                               batch_size=min(opts.batch_size, 4), seed=0)  # fmt: skip
+
     if opts.method == "layers":
         k = depth.drop_count(n, opts.drop, opts.keep_ratio)
         ids = calibration_ids(tokenizer, opts.calib)
         plan = depth.plan_one_shot(model, ids, opts.score, k, batch_size=opts.batch_size, progress=progress)
+        if recover and plan.drop:
+            with depth.without_layers(model, plan.drop):
+                before = depth.mean_loss(model, ids, opts.batch_size)
+                stats = recover(model, ids)
+                after = depth.mean_loss(model, ids, opts.batch_size)
+            plan.details["recovery"] = {
+                "steps": stats["steps"], "loss_before": before, "loss_after": after, "lr": opts.recover_lr,
+            }  # fmt: skip
     else:
         if opts.drop is None and opts.keep_ratio is None:
             k = n - 1
@@ -198,7 +282,7 @@ def prune_loaded(model, tokenizer, opts: PruneOptions, *, warn=None, progress=No
         ids = token_windows(tokenizer, replace(opts.calib, path=opts.domain))
         plan = depth.progressive_drop(
             model, ids, max_drop=k, max_loss_increase=opts.max_loss_increase, batch_size=opts.batch_size,
-            progress=progress,
+            progress=progress, recover=recover,
         )  # fmt: skip
     depth.remove_layers(model, plan.drop)
     return {
@@ -250,12 +334,24 @@ def prune_model(
     summary: dict[str, Any] = {"output": str(output), "method": opts.method, **report}
     summary["parameters_before"] = params_before
     summary["parameters_after"] = count_parameters(model)
+    spec = None
+    if opts.method == "lowrank":
+        from llmctl.core.prune.lowrank import CONFIG_KEY, lowrank_spec, materialize
+
+        spec = lowrank_spec(model)
+        summary["materialized"] = opts.materialize
     summary["prune_seconds"] = round(seconds, 3)
     if eval_texts:
         summary["perplexity_before"] = ppl_before
         summary["perplexity_after"] = perplexity(model, tokenizer, eval_texts, opts.batch_size)
+    if spec is not None:
+        if opts.materialize:  # dense B·A: a plain checkpoint any tool loads (as large as the original)
+            materialize(model)
+            summary["parameters_written"] = count_parameters(model)
+        elif spec:  # factored: config.json says which linears are two (see lowrank.py for the format)
+            setattr(model.config, CONFIG_KEY, spec)
     c = opts.calib
-    if opts.method != "magnitude":
+    if opts.method != "magnitude" and not (opts.method == "lowrank" and not opts.activation_weighted):
         data = opts.domain if opts.method == "progressive-layers" else c.path
         summary["calibration"] = {"samples": c.samples, "seq_len": c.seq_len, "file": data and str(data)}
     inputs = [model_path] + [p for p in (c.path, opts.domain, opts.eval_path) if p]
@@ -283,6 +379,12 @@ def table_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(f"{r['index']:<8}{len(r['kept']):>18}{r['kept_score_share']:>12.4f}")
         for key, (before, after) in summary["sizes"].items():
             lines.append(f"{key}: {before} -> {after}")
+    elif "ranks" in summary:
+        lines.append(f"{'layer':<44}{'shape':>14}{'rank':>8}{'energy':>9}  factored")
+        for r in summary["layers"]:
+            shape = "x".join(map(str, r["shape"]))
+            mark = "yes" if r["factored"] else "no (dense is smaller)"
+            lines.append(f"{r['name']:<44}{shape:>14}{r['rank']:>8}{r['energy_kept']:>9.4f}  {mark}")
     else:
         lines.append(f"{'layer':<8}{summary['score']:>18}  dropped")
         for r in summary["layers"]:
@@ -290,6 +392,16 @@ def table_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(f"{r['index']:<8}{score:>18}  {'yes' if r['dropped'] else ''}")
         lines.append(f"layers: {summary['num_layers_before']} -> {summary['num_layers_after']}")
     lines.append(f"parameters: {summary['parameters_before']:,} -> {summary['parameters_after']:,}")
+    if "recovery" in summary:
+        rec = summary["recovery"]
+        lines.append(
+            f"recovery: {rec['steps']} LoRA steps, loss {rec['loss_before']:.4f} -> {rec['loss_after']:.4f}"
+        )
+    if "final_domain_loss" in summary:
+        lines.append(
+            f"in-domain loss: {summary['domain_loss']:.4f} -> {summary['final_domain_loss']:.4f} "
+            "(after the last recovery)"
+        )
     if "perplexity_after" in summary:
         lines.append(f"perplexity: {summary['perplexity_before']:.3f} -> {summary['perplexity_after']:.3f}")
     return lines
