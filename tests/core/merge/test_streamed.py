@@ -89,3 +89,20 @@ def test_streamed_dare_advances_the_generator_like_the_reference():
     apply = streamed("random", lambda: iter(delta.split(999)), 5_000, 0.3, generator=g2)
     assert torch.equal(torch.cat([apply(d) for d in delta.split(999)]), reference)
     assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_streamed_model_stock_equals_the_whole_tensor_reference(monkeypatch, filter_wise):
+    from llmctl.core.merge.methods import model_stock as ms
+
+    tensors = _models(n=4)
+    shared = {"filter_wise": filter_wise}
+    reference = get_method("model_stock").merge(Inputs(list(tensors), 0, shared, [{}] * 4))
+    monkeypatch.setattr(ms, "STREAM_MIN", 10_000)
+    monkeypatch.setattr(ms, "CHUNK", 1_000)
+    calls = []
+    original = ms.ModelStock._merge_streamed
+    monkeypatch.setattr(ms.ModelStock, "_merge_streamed", lambda _, *a: calls.append(1) or original(*a))
+    out = get_method("model_stock").merge(Inputs(list(tensors), 0, shared, [{}] * 4))
+    assert calls
+    assert torch.allclose(out, reference, rtol=1e-6, atol=1e-6)
