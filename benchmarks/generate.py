@@ -100,7 +100,10 @@ def main() -> None:
         )
         return lambda: hf.generate(x, attention_mask=torch.ones_like(x), **kwargs)
 
-    same = generate(engine, [Request(ids, params)])[0].token_ids == theirs(1)()[0, len(ids) :].tolist()
+    # transformers' min_new_tokens masks EOS; ignore_eos does not, so mask it here for the comparison
+    masked = {e: -1e9 for e in engine.eos_token_ids}
+    no_eos = SamplingParams(max_tokens=new, ignore_eos=True, logit_bias=masked)
+    same = generate(engine, [Request(ids, no_eos)])[0].token_ids == theirs(1)()[0, len(ids) :].tolist()
     rows = []
     big = 4 if args.quick else 16
     for batch in (1, big):
