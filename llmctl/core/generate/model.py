@@ -303,38 +303,21 @@ def load_decoder(ref, *, device: str = "auto", dtype: str = "auto") -> tuple[Dec
 
 def _state_dict(ref, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors of a Hugging Face directory (safetensors, shard by shard) or a GGUF file (via transformers)."""
-    import json
+    from llmctl.core.models.hf import load_model, read_safetensors
 
     if ref.kind == "gguf":
-        from llmctl.core.models.hf import load_model
-
         hf = load_model(ref, device="cpu", dtype="float32")
         return {k: v.to(dtype) for k, v in hf.state_dict().items()}
-    from safetensors.torch import load_file
-
-    index = ref.path / "model.safetensors.index.json"
-    files = (
-        sorted({ref.path / f for f in json.loads(index.read_text())["weight_map"].values()})
-        if index.is_file()
-        else sorted(ref.path.glob("*.safetensors"))
-    )
-    if not files:
-        raise ModelError(f"{ref.path} has no .safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            state.update({k: v.to(dtype) for k, v in load_file(str(file)).items()})
-        except Exception as e:
-            raise ModelError(f"cannot read {file}: {e}") from e
-    return state
+    return read_safetensors(ref.path, dtype)
 
 
 def _quantized_checkpoint(ref):
     """The quantized layers and other tensors of a GPTQ/AWQ/compressed-tensors directory, or None."""
-    from llmctl.core.quantize.runtime import is_quantized_checkpoint, quant_method_of, read_quantized
+    from llmctl.core.models.hf import quant_method
+    from llmctl.core.quantize.runtime import is_quantized_checkpoint, read_quantized
 
     if ref.kind != "hf" or not is_quantized_checkpoint(ref.path):
-        if ref.kind == "hf" and quant_method_of(ref.path) == "bitsandbytes":
+        if ref.kind == "hf" and quant_method(ref.path) == "bitsandbytes":
             raise ModelError(
                 f"{ref.path} is a bitsandbytes checkpoint: llmctl's engine does not run it "
                 "(llmctl eval loads it through transformers); quantize with gptq, awq or fp8 to generate"

@@ -108,9 +108,9 @@ def load_model(ref: ModelRef, *, device: str = "auto", dtype: str = "auto"):
         model_dtype = _config_dtype(ref.path)
     torch_dtype = resolve_dtype(dtype, dev, model_dtype)
     path, extra = ref.load_args
-    if ref.kind == "hf" and _quant_method(ref.path) in ("gptq", "awq", "compressed-tensors"):
-        from llmctl.core.quantize.runtime import load_quantized  # GPTQ/AWQ/compressed-tensors, on llmctl's
+    from llmctl.core.quantize.runtime import is_quantized_checkpoint, load_quantized
 
+    if ref.kind == "hf" and is_quantized_checkpoint(ref.path):  # GPTQ/AWQ/compressed-tensors, on llmctl's
         model = load_quantized(ref.path, dtype=torch_dtype)  # W4A16 kernel (no gptqmodel/autoawq needed)
         model.to(dev)
         return model.eval()
@@ -130,7 +130,32 @@ def load_model(ref: ModelRef, *, device: str = "auto", dtype: str = "auto"):
     return model
 
 
-def _quant_method(path: Path) -> str | None:
+def read_safetensors(directory: Path, dtype=None) -> dict:
+    """Every tensor of a model directory's safetensors (shard by shard through the index when there is
+    one), cast to ``dtype`` when given."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if index.is_file()
+        else sorted(directory.glob("*.safetensors"))
+    )
+    if not files:
+        raise ModelError(f"{directory} has no .safetensors weights")
+    state = {}
+    for file in files:
+        try:
+            tensors = load_file(str(file))
+        except Exception as e:
+            raise ModelError(f"cannot read {file}: {e}") from e
+        state.update(tensors if dtype is None else {k: v.to(dtype) for k, v in tensors.items()})
+    return state
+
+
+def quant_method(path: Path) -> str | None:
+    """``quantization_config.quant_method`` of ``path``'s config.json (None when not quantized)."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -146,18 +146,11 @@ def factorize(
 # --- swapping modules -----------------------------------------------------------------------------------
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
+def _submodule(model: nn.Module, name: str) -> nn.Module:
     try:
-        parent = model.get_submodule(parent_name) if parent_name else model
+        return model.get_submodule(name)
     except AttributeError:
         raise ModelError(f"low-rank module {name} not found in the model") from None
-    return parent, child
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, child = _parent(model, name)
-    setattr(parent, child, new)
 
 
 def apply_lowrank(model: nn.Module, spec: dict[str, int] | None) -> int:
@@ -165,15 +158,14 @@ def apply_lowrank(model: nn.Module, spec: dict[str, int] | None) -> int:
     :class:`LowRankLinear` on the same device and dtype, so a factored state dict loads into ``model``.
     Works on transformers models and on ``DecoderLM`` (same module names). Returns how many were swapped."""
     for name, rank in (spec or {}).items():
-        parent, child = _parent(model, name)
-        old = getattr(parent, child, None)
+        old = _submodule(model, name)
         if not isinstance(old, nn.Linear):
             raise ModelError(f"low-rank module {name} is not a linear layer of this model")
         new = LowRankLinear(
             old.in_features, old.out_features, int(rank), old.bias is not None,
             device=old.weight.device, dtype=old.weight.dtype,
         )  # fmt: skip
-        setattr(parent, child, new)
+        model.set_submodule(name, new)
     return len(spec or {})
 
 
@@ -181,7 +173,7 @@ def materialize(model: nn.Module) -> int:
     """Replace every :class:`LowRankLinear` by its dense ``nn.Linear``; returns how many."""
     names = [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
     for name in names:
-        replace_module(model, name, model.get_submodule(name).dense())
+        model.set_submodule(name, model.get_submodule(name).dense())
     return len(names)
 
 
@@ -201,8 +193,9 @@ def spec_of(path: Path) -> dict[str, int] | None:
 def load_hf(path: Path, *, dtype: torch.dtype):
     """A transformers causal LM for a factored checkpoint: built from its config, the linears of
     ``llmctl_lowrank`` swapped for :class:`LowRankLinear`, then the safetensors loaded strictly."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmctl.core.models.hf import read_safetensors
 
     path = Path(path)
     try:
@@ -211,17 +204,7 @@ def load_hf(path: Path, *, dtype: torch.dtype):
     except Exception as e:
         raise ModelError(f"cannot build the model in {path}: {e}") from e
     apply_lowrank(model, getattr(config, CONFIG_KEY, None) or spec_of(path))
-    index = path / "model.safetensors.index.json"
-    files = (
-        sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-        if index.is_file()
-        else sorted(path.glob("*.safetensors"))
-    )
-    if not files:
-        raise ModelError(f"{path} has no .safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+    state = read_safetensors(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {
         k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)
@@ -282,7 +265,7 @@ def prune_lowrank(
                 new.lowrank_b.weight.copy_(b)
                 if lin.bias is not None:
                     new.lowrank_b.bias.copy_(lin.bias)
-                replace_module(layer, name, new)
+                layer.set_submodule(name, new)
             row["parameters"] = info["rank"] * (in_f + out_f) if row["factored"] else in_f * out_f
             report.append(row)
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llmctl.core.errors import ModelError
+from llmctl.core.models.hf import quant_method, read_safetensors
 from llmctl.core.quantize import formats as F
 
 
@@ -100,18 +101,6 @@ def format_of(qc: dict) -> str:
     )
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{directory} has no .safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 def kernel_linear(qw: F.QuantizedWeight, dtype: torch.dtype = torch.float32) -> nn.Module | None:
     """A ``llmctl.kernels.w4a16.W4A16Linear`` (Triton W4A16 kernel on CUDA, its torch reference
     elsewhere) holding ``qw`` in GPTQ v2 buffers (zeros stored as they are), or None when the kernel
@@ -140,12 +129,6 @@ def kernel_linear(qw: F.QuantizedWeight, dtype: torch.dtype = torch.float32) -> 
     if qw.bias is not None:
         module.bias.copy_(qw.bias.to(dtype))
     return module
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 @dataclass
@@ -178,23 +161,14 @@ class QuantizedCheckpoint:
             module = (kernel_linear(qw, dtype) if kernel and not on_cpu else None) or QuantLinear(qw, dtype)
             if on_cpu:
                 module.cache_weight()
-            _set_module(model, name, module)
+            model.set_submodule(name, module)
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         return tensors
 
 
-def quant_method_of(directory: str | Path) -> str | None:
-    """``quantization_config.quant_method`` of ``directory``'s config.json (None when not quantized)."""
-    try:
-        config = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return (config.get("quantization_config") or {}).get("quant_method")
-
-
 def is_quantized_checkpoint(directory: str | Path) -> bool:
     """Whether ``directory``'s config.json declares a format :func:`read_quantized` reads."""
-    return quant_method_of(directory) in ("gptq", "awq", "compressed-tensors")
+    return quant_method(Path(directory)) in ("gptq", "awq", "compressed-tensors")
 
 
 def read_quantized(directory: str | Path) -> QuantizedCheckpoint:
@@ -203,7 +177,7 @@ def read_quantized(directory: str | Path) -> QuantizedCheckpoint:
     directory = Path(directory)
     qc = read_quantization_config(directory)
     fmt = format_of(qc)
-    tensors = _read_tensors(directory)
+    tensors = read_safetensors(directory)
     markers = F.layer_tensor_names(fmt, qc)
     quantized = sorted({name.rsplit(".", 1)[0] for name in tensors if name.rsplit(".", 1)[-1] in markers})
     if fmt == "compressed-tensors" and qc.get("format") == "float-quantized":
