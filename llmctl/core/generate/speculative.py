@@ -42,6 +42,11 @@ def check_draft(target: Engine, draft: Engine) -> None:
             f"the draft model's vocabulary ({len(d_vocab)} tokens) differs from the target's "
             f"({len(t_vocab)}): speculative decoding needs the same tokenizer"
         )
+    if draft.model.args.vocab_size != target.model.args.vocab_size:
+        raise UsageError(
+            f"the draft model's output size ({draft.model.args.vocab_size}) differs from the target's "
+            f"({target.model.args.vocab_size}): speculative decoding needs the same vocabulary"
+        )
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams, context: list[int], counts: Counter):
@@ -52,6 +57,11 @@ def distribution(logits: torch.Tensor, params: SamplingParams, context: list[int
         probs[int(row.argmax())] = 1.0
         return probs
     return warp(row, params).softmax(-1)
+
+
+def pick(dist: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from a processed distribution: its argmax when greedy, else a draw with ``generator``."""
+    return int(dist.argmax()) if params.greedy else int(torch.multinomial(dist, 1, generator=generator))
 
 
 def accept_or_resample(
@@ -118,7 +128,7 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
 
     # The first token comes from the target alone (its prefill already gives the distribution).
     p = distribution(logits, params, prompt, counts)
-    token = int(torch.multinomial(p, 1, generator=gen_target)) if not params.greedy else int(p.argmax())
+    token = pick(p, params, gen_target)
     while True:
         advance(engine, out, r, token, counts, on_token, 0)
         if out.finish_reason == "stop" or len(out.token_ids) >= params.max_tokens:
@@ -138,7 +148,7 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
             d_logits = _forward(draft.model, small.cache, block, small.filled)[-1]
             small.filled += len(block)
             q = distribution(d_logits, params, context + drafts, d_counts)
-            d = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=gen_draft))
+            d = pick(q, params, gen_draft)
             drafts.append(d)
             qs.append(q)
             d_counts[d] += 1
@@ -161,9 +171,7 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
         stats.accepted += len(accepted)
         if replacement is None:  # every draft accepted: the bonus token from the last position
             p = distribution(t_logits[len(drafts)], params, context + accepted, t_counts)
-            replacement = (
-                int(p.argmax()) if params.greedy else int(torch.multinomial(p, 1, generator=gen_target))
-            )
+            replacement = pick(p, params, gen_target)
         target.filled += 1 + len(accepted)  # slots of rejected drafts are overwritten next round
         if drafts:  # the draft consumed pending + drafts[:-1]: keep its accepted part, feed the rest later
             small.filled = base + n_pending + min(len(accepted), len(drafts) - 1)

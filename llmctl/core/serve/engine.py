@@ -22,10 +22,11 @@ from llmctl.core.errors import LlmctlError, UsageError
 from llmctl.core.generate.constrained import compiler_for
 from llmctl.core.generate.engine import Engine, advance, finish_text, record_logprobs
 from llmctl.core.generate.sampling import SamplingParams, process_logits, sample
+from llmctl.core.generate.speculative import check_draft
 from llmctl.core.serve.blocks import BlockAllocator
 from llmctl.core.serve.runner import PagedKVCache, StepInput, forward_step
 from llmctl.core.serve.scheduler import FINISHED, Scheduler, Sequence
-from llmctl.core.serve.speculative import Drafter, PromptLookup, check_draft_model
+from llmctl.core.serve.speculative import Drafter, PromptLookup
 
 
 class RequestError(LlmctlError):
@@ -64,7 +65,7 @@ class ServeEngine:
         if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
             raise LlmctlError("block size, max_num_seqs and max_num_batched_tokens must be at least 1")
         if draft is not None:
-            check_draft_model(engine, draft)
+            check_draft(engine, draft)
             if config.prompt_lookup:
                 raise UsageError("choose one of a draft model and prompt lookup")
         self.engine, self.config, self.metrics = engine, config, metrics

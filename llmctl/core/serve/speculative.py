@@ -43,20 +43,10 @@ from llmctl.core.generate.engine import Engine
 from llmctl.core.generate.speculative import (
     DRAFT_SEED_OFFSET,
     accept_or_resample,
-    check_draft,
     distribution,
+    pick,
 )
 from llmctl.core.serve.runner import PagedKVCache, StepInput, forward_step
-
-
-def check_draft_model(target: Engine, draft: Engine) -> None:
-    """Refuse a draft whose tokens mean something else (usage error at startup)."""
-    check_draft(target, draft)
-    if draft.model.args.vocab_size != target.model.args.vocab_size:
-        raise UsageError(
-            f"the draft model's output size ({draft.model.args.vocab_size}) differs from the target's "
-            f"({target.model.args.vocab_size}): speculative decoding needs the same vocabulary"
-        )
 
 
 @dataclass
@@ -123,11 +113,7 @@ class Proposer:
             counts[d] += 1
         if token is None:  # every draft accepted: the bonus token from the last position
             target = distribution(rows[len(proposal.tokens)], p, context + accepted, counts)
-            token = (
-                int(target.argmax())
-                if p.greedy
-                else int(torch.multinomial(target, 1, generator=seq.generator))
-            )
+            token = pick(target, p, seq.generator)
         self._rolled_back(seq, proposal, len(accepted))
         s = self.stats
         s.num_drafts += 1
@@ -184,11 +170,7 @@ class Drafter(Proposer):
                 prop, p = proposals[seq], seq.params
                 context = seq.prompt_ids + seq.completion.token_ids + prop.tokens
                 q = distribution(row, p, context, counts[seq])
-                token = (
-                    int(q.argmax())
-                    if p.greedy
-                    else int(torch.multinomial(q, 1, generator=seq.draft_generator))
-                )
+                token = pick(q, p, seq.draft_generator)
                 prop.tokens.append(token)
                 prop.q.append(q)
                 counts[seq][token] += 1
