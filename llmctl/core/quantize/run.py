@@ -31,8 +31,6 @@ from llmctl.core.quantize.calib import (
 )
 from llmctl.core.quantize.rtn import SUPPORTED_BITS, check_group_size, fp8_quantize, rtn_quantize
 
-BNB_KINDS = bnb.KINDS  # --method -> bitsandbytes kind
-
 
 @dataclass(frozen=True)
 class Method:
@@ -51,7 +49,6 @@ METHODS = {
     "bnb-nf4": Method("bnb-nf4", "https://arxiv.org/abs/2305.14314", False, "bitsandbytes", True),
     "bnb-int8": Method("bnb-int8", "https://arxiv.org/abs/2208.07339", False, "bitsandbytes", True),
 }
-UNSUPPORTED_METHODS: dict[str, str] = {}
 BNB_FORMAT = "bitsandbytes"  # what transformers writes for a BitsAndBytesConfig model (quantize/bnb.py)
 # True-sequential order inside a Llama-like layer: each set is quantized on inputs from the sets before it.
 SEQUENTIAL = [
@@ -82,15 +79,13 @@ class QuantizeOptions:
     batch_size: int = 8
 
     def resolved(self) -> QuantizeOptions:
-        if self.method in UNSUPPORTED_METHODS:
-            raise UsageError(f"--method {self.method}: {UNSUPPORTED_METHODS[self.method]}")
         if self.method not in METHODS:
             raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         m = METHODS[self.method]
         out = QuantizeOptions(**{**self.__dict__})
         out.sym = m.default_sym if self.sym is None else self.sym
         out.fmt = self.fmt or m.default_format
-        if self.method in BNB_KINDS:
+        if self.method in bnb.KINDS:
             if out.fmt != BNB_FORMAT:
                 raise UsageError(f"--method {self.method} writes --format {BNB_FORMAT} only")
             if out.act_order:
@@ -129,7 +124,7 @@ def _quantizable(model, opts: QuantizeOptions) -> dict[str, nn.Linear]:
         for name, lin in linears_of(layer, opts.skip).items():
             full = f"{prefix}.{i}.{name}"
             n, k = lin.weight.shape
-            if opts.method not in ("fp8", *BNB_KINDS):
+            if opts.method not in ("fp8", *bnb.KINDS):
                 check_group_size(k, opts.group_size, full)
                 if (k * opts.bits) % 32 or (opts.fmt == "gptq" and (n * opts.bits) % 32):
                     raise UsageError(f"{full} ({n}x{k}) cannot be packed in {opts.bits}-bit int32 words")
@@ -154,8 +149,8 @@ def _rtn_like(model, targets, opts, progress) -> dict[str, F.QuantizedWeight]:
     for name, lin in targets.items():
         if opts.method == "fp8":
             qw = fp8_quantize(lin.weight)
-        elif opts.method in BNB_KINDS:
-            qw = bnb.bnb_quantize(lin.weight, BNB_KINDS[opts.method])
+        elif opts.method in bnb.KINDS:
+            qw = bnb.bnb_quantize(lin.weight, bnb.KINDS[opts.method])
         else:
             qw = rtn_quantize(lin.weight, bits=opts.bits, group_size=opts.group_size, sym=opts.sym)
         out[name] = _store(lin, qw, opts.fmt)
@@ -289,7 +284,7 @@ def write_quantized(
         and name != "lm_head"
     )  # fmt: skip
     if opts.fmt == BNB_FORMAT:
-        qc = bnb.quantization_config(BNB_KINDS[opts.method], skip_modules=ignore if len(ignore) > 1 else None)
+        qc = bnb.quantization_config(bnb.KINDS[opts.method], skip_modules=ignore if len(ignore) > 1 else None)
     else:
         qc = F.quantization_config(
             opts.fmt, bits=opts.bits, group_size=opts.group_size, sym=opts.sym, act_order=opts.act_order,
