@@ -10,6 +10,12 @@ data order) and restarts ``position_ids`` at 0 for every document. With ``attent
 transformers' masking (``find_packed_sequence_indices``) turns restarting position ids into a
 block-diagonal causal mask for eager/SDPA/flex attention, so documents never attend to each other, and
 RoPE sees each document at its own positions: a packed row's loss equals the sum of its documents' losses.
+
+Padding-free batches (``flatten=True``, what the trainer uses when the model runs
+:mod:`llmctl.core.models.varlen` attention) go one step further: a micro-batch's rows, packed or not, are laid
+end to end in a single row with restarting positions. No padding token is computed at all, and the varlen
+attention keeps every document to itself. The batch holds the same examples and gives the same loss and
+gradients as the padded one.
 """
 
 from __future__ import annotations
@@ -84,6 +90,17 @@ def collate(units: list[Packed], pad_id: int, *, packed: bool) -> dict:
     return batch
 
 
+def flatten_units(units: list[Packed]) -> Packed:
+    """Several rows as one: their documents end to end, positions still restarting per document."""
+    row = Packed([], [], [], 0)
+    for u in units:
+        row.input_ids += u.input_ids
+        row.targets += u.targets
+        row.position_ids += u.position_ids
+        row.documents += u.documents
+    return row
+
+
 def collate_pairs(pairs: list[PreferenceExample], pad_id: int) -> dict:
     """Chosen rows first, then rejected rows, in one padded batch of ``2 * len(pairs)`` rows."""
     units = [as_unit(p.chosen) for p in pairs] + [as_unit(p.rejected) for p in pairs]
@@ -99,7 +116,10 @@ def units_of(examples: list, *, pack: bool, max_length: int | None) -> list:
     return [as_unit(e) for e in examples]
 
 
-def collate_units(units: list, pad_id: int, *, pack: bool) -> dict:
+def collate_units(units: list, pad_id: int, *, pack: bool, flatten: bool = False) -> dict:
+    """A micro-batch's tensors. Preference pairs stay padded rows (their losses are per row)."""
     if units and isinstance(units[0], PreferenceExample):
         return collate_pairs(units, pad_id)
+    if flatten:
+        return collate([flatten_units(units)], pad_id, packed=True)
     return collate(units, pad_id, packed=pack)

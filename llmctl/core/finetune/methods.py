@@ -6,6 +6,9 @@
 - ``dora``: weight-decomposed LoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353), peft's ``use_dora``.
 - ``qlora``: LoRA over a 4-bit NF4 base with double quantization (Dettmers et al. 2023,
   https://arxiv.org/abs/2305.14314) through bitsandbytes (CUDA, or its CPU backend from 0.46).
+
+The adapter methods' input dropout is :class:`llmctl.core.finetune.dropout.FastDropout` (peft's
+``nn.Dropout`` with a cheaper random mask).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmctl.core.errors import LlmctlError, UsageError
+from llmctl.core.finetune.dropout import use_fast_dropout
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,9 @@ def _lora(model, opts, *, dora: bool = False):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    use_fast_dropout(model)  # peft's nn.Dropout masks cost ~15% of a CPU step; same p, cheaper bits
+    return model
 
 
 def _qlora(model, opts):  # the base was loaded 4-bit by load_base_for(); only adapters train

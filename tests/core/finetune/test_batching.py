@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmctl.core.finetune.batching import as_unit, collate, pack_examples, shifted_targets
+from llmctl.core.finetune.batching import as_unit, collate, collate_units, pack_examples, shifted_targets
 from llmctl.core.finetune.data import IGNORE, Example
 from llmctl.core.finetune.objectives import forward_logits, sft_sum
 
@@ -86,3 +86,44 @@ def test_padding_does_not_change_the_loss(model):
             for x in (collate([as_unit(d)], pad_id=0, packed=False) for d in docs)
         )
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+
+
+def test_a_flattened_micro_batch_is_one_row_with_restarting_positions():
+    units = [
+        as_unit(Example([1, 2, 3], [1, 2, 3])),
+        *pack_examples([Example([4], [4]), Example([5, 6], [5, 6])], 4),
+    ]
+    batch = collate_units(units, pad_id=0, pack=False, flatten=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert batch["targets"].tolist() == [[2, 3, IGNORE, IGNORE, 6, IGNORE]]
+    assert int(batch["tokens"]) == 6 and "attention_mask" not in batch
+
+
+@pytest.mark.parametrize("varlen", [True, False])
+def test_a_padding_free_batch_gives_the_padded_batch_loss_and_gradients(tiny_model, varlen):
+    from llmctl.core.models.hf import load_model, resolve_model
+    from llmctl.core.models.varlen import enable_varlen_attention
+
+    model = load_model(resolve_model(tiny_model), device="cpu")
+    g = torch.Generator().manual_seed(3)
+    docs = []
+    for n in (9, 4, 13, 1, 6):
+        ids = torch.randint(3, 250, (n,), generator=g).tolist()
+        docs.append(Example(ids, [IGNORE] * (n // 2) + ids[n // 2 :]))
+    units = [as_unit(d) for d in docs]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss, n = sft_sum(forward_logits(model, batch), batch["targets"])
+        (loss / n).backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    padded_loss, padded_grads = loss_and_grads(collate_units(units, pad_id=0, pack=False))
+    # with varlen attention the row is split per document; without it transformers' block mask does it
+    if varlen:
+        assert enable_varlen_attention(model)
+    flat_loss, flat_grads = loss_and_grads(collate_units(units, pad_id=0, pack=False, flatten=True))
+    torch.testing.assert_close(flat_loss, padded_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(flat_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
