@@ -119,12 +119,13 @@ _llmctl() {
             --resume) COMPREPLY=(); return ;;
             --log-every) COMPREPLY=(); return ;;
             --nproc) COMPREPLY=(); return ;;
+            --strategy) COMPREPLY=(); return ;;
             --device) COMPREPLY=(); return ;;
             --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
             --seed) COMPREPLY=(); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --val --val-split --format --text-field --train-on-prompt --max-length --pack --method --r --alpha --dropout --target-modules --rslora --objective --beta --simpo-gamma --label-smoothing --epochs --max-steps --lr --weight-decay --batch-size --grad-accum --optimizer --scheduler --warmup-ratio --max-grad-norm --gradient-checkpointing --mixed-precision --neftune-alpha --shuffle --no-shuffle --eval-every --patience --save-every --checkpoint-dir --resume --log-every --merge --kernels --no-kernels --nproc --device --dtype --seed --skip-bad-lines --force --json -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "-o --output --val --val-split --format --text-field --train-on-prompt --max-length --pack --method --r --alpha --dropout --target-modules --rslora --objective --beta --simpo-gamma --label-smoothing --epochs --max-steps --lr --weight-decay --batch-size --grad-accum --optimizer --scheduler --warmup-ratio --max-grad-norm --gradient-checkpointing --mixed-precision --neftune-alpha --shuffle --no-shuffle --eval-every --patience --save-every --checkpoint-dir --resume --log-every --merge --kernels --no-kernels --nproc --strategy --device --dtype --seed --skip-bad-lines --force --json -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     generate)

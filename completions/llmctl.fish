@@ -134,6 +134,7 @@ complete -c llmctl -n '__fish_seen_subcommand_from finetune' -l log-every -x -d 
 complete -c llmctl -n '__fish_seen_subcommand_from finetune' -l merge -d 'Write a full model with the adapter merged in'
 complete -c llmctl -n '__fish_seen_subcommand_from finetune' -l kernels -l no-kernels -d 'Use llmctls fused kernels (llmctl.kernels.patch_model)'
 complete -c llmctl -n '__fish_seen_subcommand_from finetune' -l nproc -x -d 'Data-parallel processes (torchrun gloo on CPU, nccl on CUDA)'
+complete -c llmctl -n '__fish_seen_subcommand_from finetune' -l strategy -x -d 'ddpfsdp replicate the model in every process, or shard it (FSDP2)'
 complete -c llmctl -n '__fish_seen_subcommand_from finetune' -l device -x -d 'Where to run auto (CUDA when available, else CPU), cpu, cuda or cudaN'
 complete -c llmctl -n '__fish_seen_subcommand_from finetune' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'Weight dtype auto is float32 on CPU, the models own dtype on CUDA'
 complete -c llmctl -n '__fish_seen_subcommand_from finetune' -l seed -x -d 'Random seed the same seed gives the same output'

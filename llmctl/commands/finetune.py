@@ -31,7 +31,8 @@ The data format is detected from the fields (text; prompt/completion; messages w
 alpaca instruction/input/output; preference prompt/chosen/rejected) and the loss is taken only on the
 completion or assistant tokens unless --train-on-prompt. Writes a PEFT adapter directory (or, with --merge or
 --method full, a full model) with metrics.jsonl, loss.png and llmctl.json. --save-every N writes resumable
-checkpoints beside the output; --resume continues one exactly."""
+checkpoints beside the output; --resume continues one exactly. --nproc N trains in N processes (torchrun):
+--strategy ddp replicates the model in each, --strategy fsdp shards it (FSDP2)."""
 
 EPILOG = """Examples:
 
@@ -136,6 +137,9 @@ def main(
     nproc: Annotated[
         int, _opt("--nproc", min=1, help="Data-parallel processes (torchrun; gloo on CPU, nccl on CUDA).")
     ] = 1,
+    strategy: Annotated[
+        str, _opt("--strategy", help="ddp|fsdp: replicate the model in every process, or shard it (FSDP2).")
+    ] = "ddp",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
@@ -156,10 +160,15 @@ def main(
         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, gradient_checkpointing=gradient_checkpointing,
         mixed_precision=mixed_precision, neftune_alpha=neftune_alpha, shuffle=shuffle, eval_every=eval_every,
         patience=patience, save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume,
-        log_every=log_every, merge=merge, kernels=kernels, device=device, dtype=str(dtype.value), seed=seed,
+        log_every=log_every, strategy=strategy, merge=merge, kernels=kernels, device=device,
+        dtype=str(dtype.value), seed=seed,
     )  # fmt: skip
     from llmctl.core.finetune import distributed
 
+    processes = distributed.world_size() if distributed.under_torchrun() else nproc
+    distributed.check_strategy(strategy, processes=processes, method=method, mixed_precision=mixed_precision)
+    if strategy == "fsdp" and processes == 1:
+        ui.warn("--strategy fsdp with one process: nothing to shard, training as a single process")
     if nproc > 1 and not distributed.under_torchrun():
         raise typer.Exit(distributed.launch(nproc, sys.argv[1:]))
     from llmctl.core.finetune.run import finetune  # torch loads here, not when the CLI starts

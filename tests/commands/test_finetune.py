@@ -113,7 +113,7 @@ def test_two_data_parallel_processes_follow_one_process_with_the_same_global_bat
     one = cli("finetune", tiny_model, data, "-o", tmp_path / "one", "--batch-size", "4", *common)
     assert one.exit_code == 0, one.stderr
     # --r travels to the workers intact (torchrun's own parser would read it as an abbreviation)
-    flags = ["--nproc", "2", "--batch-size", "2", "--r", "16", "--json"]
+    flags = ["--nproc", "2", "--strategy", "ddp", "--batch-size", "2", "--r", "16", "--json"]
     two = run_llmctl("finetune", tiny_model, data, "-o", tmp_path / "two", *flags, *common)
     assert two.returncode == 0, two.stderr.decode()[-2000:]
     summary = json.loads(two.stdout)  # only rank 0 reports

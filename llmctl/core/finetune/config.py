@@ -54,6 +54,8 @@ class FinetuneConfig:
     checkpoint_dir: str | None = None
     resume: str | None = None
     log_every: int = 10
+    # processes: ddp replicates the model, fsdp shards it (FSDP2); with one process both train unsharded
+    strategy: str = "ddp"
     # output
     merge: bool = False
     kernels: bool = False
@@ -66,6 +68,7 @@ class FinetuneConfig:
         return asdict(self)
 
     # Settings a checkpoint can only be resumed with unchanged (anything else, like --max-steps, may change).
+    # --strategy is not one: checkpoints hold whole tensors under ddp and fsdp alike.
     RESUME_KEYS = (
         "method", "r", "alpha", "target_modules", "rslora", "objective", "format", "train_on_prompt",
         "max_length", "pack", "batch_size", "grad_accum", "optimizer", "seed", "shuffle",

@@ -9,6 +9,9 @@ The output appears only when training succeeded (written to a temporary sibling,
 - ``full``: a full Hugging Face model directory.
 - always: ``metrics.jsonl`` (one row per step), ``loss.png`` and ``llmctl.json`` (provenance, settings,
   summary).
+
+Under ``--strategy fsdp`` the trained weights are gathered onto rank 0 and loaded into an unsharded copy of
+the model (the base re-read on the CPU, the method applied again), which is saved exactly as one process's.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from llmctl.core.finetune.objectives import Objective, get_objective
 from llmctl.core.finetune.plot import plot_losses
 from llmctl.core.finetune.trainer import Trainer
 from llmctl.core.io import ReadStats, atomic_output, check_output, read_records, resolve_input
+from llmctl.core.models.varlen import enable_varlen_attention
 from llmctl.core.provenance import now, write_provenance
 
 
@@ -54,6 +58,8 @@ def check_settings(cfg: FinetuneConfig) -> None:
     if cfg.merge and get_method(cfg.method).name == "full":
         raise UsageError("--merge applies to adapter methods (lora, dora, qlora); full fine-tuning already "
                          "writes a full model")  # fmt: skip
+    distributed.check_strategy(cfg.strategy, processes=distributed.world_size(), method=cfg.method,
+                               mixed_precision=cfg.mixed_precision)  # fmt: skip
 
 
 def load_examples(path: str, tokenize: Tokenize, *, skip_bad_lines: bool) -> list:
@@ -206,11 +212,18 @@ def build(cfg: FinetuneConfig, *, log: Callable[[str], None] = lambda m: None,
             "ignore", FutureWarning
         )  # transformers' deprecation notices, raised inside peft
         model = method.prepare(model, cfg)
+    if cfg.strategy == "fsdp" and distributed.world_size() > 1:
+        layers = distributed.shard(model)
+        log(f"fsdp: sharded {layers} decoder layers and the rest over {distributed.world_size()} processes")
+    # NEFTune scales its noise by the row length, so it keeps padded rows (as HF/TRL define it)
+    padding_free = not objective.preference and not cfg.neftune_alpha and enable_varlen_attention(model)
+    if padding_free:
+        log("padding-free batches: each micro-batch is one row, attention split per example")
     if cfg.save_every and not cfg.checkpoint_dir:
         cfg.checkpoint_dir = str(Path(cfg.output).with_name(Path(cfg.output).name + "-checkpoints"))
     trainer = Trainer(
         model, objective, train_units, val_units, cfg, pad_id=pad_id, device=device, ref_model=ref_model,
-        log=log, on_step=lambda s: progress(s, trainer.total_steps),
+        log=log, on_step=lambda s: progress(s, trainer.total_steps), padding_free=padding_free,
     )  # fmt: skip
     if cfg.resume:
         trainer.load_checkpoint(Path(cfg.resume))
@@ -252,12 +265,16 @@ def _finetune(cfg: FinetuneConfig, *, force: bool, log: Callable[[str], None],
 
     if trainer.rank != 0:  # data parallel: rank 0 writes everything
         trainer.fit()
+        if trainer.sharded:
+            trainer.full_trainable_state()  # this process's part of gathering the shards
         distributed.barrier_and_close()
         return {"rank": trainer.rank}
     with atomic_output(cfg.output, force=force) as tmp:
         fit_start = time.perf_counter()
         state = trainer.fit()
         train_seconds = time.perf_counter() - fit_start
+        if trainer.sharded:
+            model = unsharded_copy(cfg, method, trainer.full_trainable_state())
         model.eval()
         if method.adapter:
             adapter_dir = tmp / "adapter" if cfg.merge else tmp
@@ -310,6 +327,25 @@ def _finetune(cfg: FinetuneConfig, *, force: bool, log: Callable[[str], None],
         )
     distributed.barrier_and_close()
     return summary
+
+
+def unsharded_copy(cfg: FinetuneConfig, method: Method, weights: dict):
+    """A plain (unsharded) copy of the trained model on the CPU: the base re-read, ``method`` applied, the
+    trained ``weights`` (whole tensors, by parameter name) loaded."""
+    import torch
+
+    model = load_base(cfg, torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = method.prepare(model, cfg)
+    params = dict(model.named_parameters())
+    missing = sorted(set(weights) - set(params))
+    if missing:
+        raise ModelError(f"fsdp: the trained weights do not fit the unsharded model (e.g. {missing[0]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    return model
 
 
 def merge_adapter(cfg: FinetuneConfig, model, adapter_dir: Path):

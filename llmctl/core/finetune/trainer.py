@@ -27,10 +27,17 @@ from typing import Any
 import torch
 
 from llmctl.core.errors import UsageError
+from llmctl.core.finetune import distributed
 from llmctl.core.finetune.batching import collate_units
 from llmctl.core.finetune.config import FinetuneConfig
 from llmctl.core.finetune.data import IGNORE
-from llmctl.core.finetune.objectives import Objective, batch_loss, reference_logps
+from llmctl.core.finetune.objectives import (
+    Objective,
+    batch_loss,
+    reference_logps,
+    selected_logps,
+    trained_logits,
+)
 from llmctl.core.finetune.optim import make_optimizer, make_scheduler
 from llmctl.core.io import atomic_output
 
@@ -44,12 +51,12 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sum(value, world: int, device):
-    """``value`` summed over every process (itself when there is one process)."""
+def all_reduce_value(value, world: int, device, op: str = "sum"):
+    """``value`` summed (or its maximum, ``op="max"``) over every process (itself with one process)."""
     if world == 1:
         return value
     t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
     return type(value)(t.item()) if isinstance(value, int) else t.item()
 
 
@@ -97,12 +104,18 @@ class Trainer:
         ref_model=None,
         log: Callable[[str], None] = lambda m: None,
         on_step: Callable[[int], None] = lambda s: None,
+        padding_free: bool = False,
     ) -> None:
         self.model, self.objective, self.cfg = model, objective, cfg
         self.train_units, self.val_units = train_units, val_units
         self.pad_id, self.device, self.ref_model = pad_id, device, ref_model
         self.log, self.on_step = log, on_step
+        # one row per micro-batch (batching.flatten_units) for a model running varlen attention
+        self.padding_free = padding_free and not objective.preference
         self.rank, self.world = world_info()
+        # --strategy fsdp: FSDP reduces the gradients itself, and gathers the embeddings and LM head only in
+        # the model's own forward, so the loss takes the full-logits path of objectives.trained_logits
+        self.sharded = distributed.is_sharded(model)
         self.per_step = cfg.batch_size * cfg.grad_accum  # units per process per step
         self.global_per_step = self.per_step * self.world
         self.steps_per_epoch = math.ceil(len(train_units) / self.global_per_step)
@@ -137,7 +150,7 @@ class Trainer:
         units = [self.train_units[i] for i in ids]
         size = self.cfg.batch_size
         return [
-            collate_units(units[i : i + size], self.pad_id, pack=self.cfg.pack)
+            collate_units(units[i : i + size], self.pad_id, pack=self.cfg.pack, flatten=self.padding_free)
             for i in range(0, len(units), size)
         ]
 
@@ -162,45 +175,67 @@ class Trainer:
         if self.ref_model is not None:
             return reference_logps(self.ref_model, batch)
         with self.model.disable_adapter():  # LoRA/DoRA: the base model is the reference
-            return reference_logps(self.model, batch)
+            if not self.sharded:
+                return reference_logps(self.model, batch)
+            return self._sharded_reference_logps(batch)
+
+    @torch.no_grad()
+    def _sharded_reference_logps(self, batch: dict):
+        """objectives.reference_logps through the full-logits path, which FSDP needs (see ``sharded``)."""
+        n = batch["input_ids"].shape[0]
+        sums, _ = selected_logps(*trained_logits(self.model, batch, reference=True), n)
+        return sums[: n // 2], sums[n // 2 :]
 
     def accumulate(self, batches: list[dict]) -> tuple[float, int, dict]:
         """Forward and backward over one step's micro-batches; gradients are left in ``.grad``."""
-        total = all_reduce_sum(sum(self._items(b) for b in batches), self.world, self.device)
+        total = all_reduce_value(sum(self._items(b) for b in batches), self.world, self.device)
+        weights = [1.0] * len(batches)
+        if self.sharded:
+            # FSDP's collectives pair up across processes, so each runs as many forward and backward passes:
+            # a process with fewer micro-batches this step (the end of an epoch) adds ones weighted 0
+            missing = all_reduce_value(len(batches), self.world, self.device, op="max") - len(batches)
+            filler = collate_units(
+                self.train_units[:1], self.pad_id, pack=self.cfg.pack, flatten=self.padding_free
+            )
+            batches, weights = batches + [filler] * missing, weights + [0.0] * missing
         loss_value, extra_sum = 0.0, {}
-        for batch in batches:
+        for batch, weight in zip(batches, weights, strict=True):
             batch = self._to(batch)
             with self._autocast():
                 ref = self._ref(batch)
                 loss_sum, _, extra = batch_loss(
                     self.objective, self.model, batch, beta=self.beta, gamma=self.cfg.simpo_gamma,
-                    label_smoothing=self.cfg.label_smoothing, ref_logps=ref,
+                    label_smoothing=self.cfg.label_smoothing, ref_logps=ref, reference=self.sharded,
                 )  # fmt: skip
-            loss = loss_sum / total
+            loss = loss_sum / total if weight else loss_sum * 0.0
             (self.scaler.scale(loss) if self.scaler else loss).backward()
+            if not weight:
+                continue
             loss_value += float(loss.detach())
             for k, v in extra.items():
                 extra_sum[k] = extra_sum.get(k, 0.0) + v
         if self.world > 1:
             # data parallel: every process's loss is already divided by the global item count, so the sum of
-            # the processes' gradients is the gradient of the whole step
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-            loss_value = all_reduce_sum(loss_value, self.world, self.device)
-            extra_sum = {k: all_reduce_sum(v, self.world, self.device) for k, v in extra_sum.items()}
+            # the processes' gradients is the gradient of the whole step (FSDP sums them in its backward)
+            if not self.sharded:
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+            loss_value = all_reduce_value(loss_value, self.world, self.device)
+            extra_sum = {k: all_reduce_value(v, self.world, self.device) for k, v in extra_sum.items()}
         return loss_value, total, extra_sum
 
     def train_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()
         batches = self.micro_batches(step)
-        tokens = int(all_reduce_sum(sum(int(b["tokens"]) for b in batches), self.world, self.device))
+        tokens = int(all_reduce_value(sum(int(b["tokens"]) for b in batches), self.world, self.device))
         loss, items, extra = self.accumulate(batches)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        # FSDP: the gradients are sharded DTensors; the norm is the global one, made whole here
+        grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
         lr = self.scheduler.get_last_lr()[0]
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -233,14 +268,19 @@ class Trainer:
         total_loss, total_items = 0.0, 0
         size = self.cfg.batch_size
         for i in range(0, len(self.val_units), size):
-            batch = self._to(collate_units(self.val_units[i : i + size], self.pad_id, pack=self.cfg.pack))
+            batch = self._to(
+                collate_units(
+                    self.val_units[i : i + size], self.pad_id, pack=self.cfg.pack, flatten=self.padding_free
+                )
+            )
             with self._autocast():
                 loss_sum, items, _ = batch_loss(
                     self.objective, self.model, batch, beta=self.beta, gamma=self.cfg.simpo_gamma,
-                    label_smoothing=0.0, ref_logps=self._ref(batch),
+                    label_smoothing=0.0, ref_logps=self._ref(batch), reference=self.sharded,
                 )  # fmt: skip
             total_loss += float(loss_sum)
             total_items += items
+        distributed.reshard(self.model)
         self.model.train(was_training)
         return total_loss / max(1, total_items)
 
@@ -252,7 +292,14 @@ class Trainer:
         return step % every == 0 or step == self.total_steps
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable weights (this process's shards of them under FSDP)."""
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        """The whole trainable weights on the CPU, on rank 0 (``{}`` elsewhere; every process must call it
+        under FSDP, which gathers the shards)."""
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return distributed.full_state(named, rank=self.rank)
 
     def fit(self) -> TrainState:
         self.model.train()
@@ -277,12 +324,7 @@ class Trainer:
                     f"step {step}/{self.total_steps} loss {row['loss']:.4f}{val_text} lr {row['lr']:.2e} "
                     f"grad_norm {row['grad_norm']:.3f} {row['tokens_per_s'] or 0:.0f} tok/s"
                 )
-            if (
-                self.cfg.save_every
-                and step % self.cfg.save_every == 0
-                and step < self.total_steps
-                and self.rank == 0
-            ):
+            if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
                 self.save_checkpoint(Path(self.cfg.checkpoint_dir or ".") / f"step-{step:06d}")
             self.on_step(step)
         if self.state.stopped_early:
@@ -307,24 +349,29 @@ class Trainer:
             )
         with torch.no_grad():
             for name, tensor in weights.items():
-                params[name].copy_(tensor)
+                params[name].copy_(distributed.shaped_like(tensor, params[name]))
 
     def save_checkpoint(self, directory: Path) -> Path:
-        """Trainable weights, optimizer, scheduler, RNG states and the step, written atomically."""
+        """Trainable weights, optimizer, scheduler, RNG states and the step, written atomically by rank 0.
+        Every process calls it: under FSDP the shards are gathered first, so the files are the same as one
+        process's."""
         from safetensors.torch import save_file
 
+        if self.rank != 0 and not self.sharded:
+            return directory
+        weights = self.full_trainable_state()
+        best = self.best_weights
+        best = distributed.full_state(best, rank=self.rank) if best is not None else None
+        optimizer = distributed.optimizer_state(self.model, self.optimizer, rank=self.rank)
+        if self.rank != 0:
+            return directory
         with atomic_output(directory, force=True) as tmp:
-            save_file(
-                {n: t.contiguous() for n, t in self.trainable_state().items()},
-                str(tmp / "trainable.safetensors"),
-            )
-            if self.best_weights is not None:
-                save_file(
-                    {n: t.contiguous() for n, t in self.best_weights.items()}, str(tmp / "best.safetensors")
-                )
+            save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
+            if best is not None:
+                save_file({n: t.contiguous() for n, t in best.items()}, str(tmp / "best.safetensors"))
             torch.save(
                 {
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler else None,
                     "torch_rng": torch.get_rng_state(),
@@ -363,7 +410,7 @@ class Trainer:
         if (directory / "best.safetensors").is_file():
             self.best_weights = load_file(str(directory / "best.safetensors"))
         blob = torch.load(directory / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(blob["optimizer"])
+        distributed.load_optimizer_state(self.model, self.optimizer, blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         if self.scaler and blob.get("scaler"):
             self.scaler.load_state_dict(blob["scaler"])

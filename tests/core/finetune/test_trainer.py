@@ -59,16 +59,16 @@ def test_accumulated_loss_and_gradients_equal_one_big_batch(tiny_model, data, tm
         for name in g0:
             torch.testing.assert_close(g[name], g0[name], rtol=1e-4, atol=1e-6)
     # the naive mean of per-micro-batch means differs (examples have unequal numbers of trained tokens)
+    from llmctl.core.finetune.batching import collate_units
     from llmctl.core.finetune.objectives import batch_loss
 
     t0.model.zero_grad()
     naive = []
     with torch.no_grad():
-        for batch in t0.micro_batches(0)[0:1]:
-            for i in range(batch["input_ids"].shape[0]):
-                one = {k: v[i : i + 1] for k, v in batch.items() if k != "tokens"}
-                s, n, _ = batch_loss(t0.objective, t0.model, one, beta=0, gamma=0, label_smoothing=0)
-                naive.append(float(s) / n)
+        for unit in t0.train_units[:8]:  # the examples of the first step, one at a time
+            one = collate_units([unit], t0.pad_id, pack=False)
+            s, n, _ = batch_loss(t0.objective, t0.model, one, beta=0, gamma=0, label_smoothing=0)
+            naive.append(float(s) / n)
     assert sum(naive) / len(naive) != pytest.approx(loss0, rel=1e-4)
 
 
@@ -173,7 +173,7 @@ def test_neftune_adds_noise_only_in_training(tiny_model, data, tmp_path):
         trainer.model.train()
         losses[alpha] = (trainer.accumulate(trainer.micro_batches(0))[0], trainer)
     assert losses[0.0][0] != pytest.approx(losses[50.0][0], rel=1e-4)
-    batch = losses[0.0][1].micro_batches(0)[0]
+    batch = losses[50.0][1].micro_batches(0)[0]  # NEFTune keeps padded rows
     with torch.no_grad():
         evals = []
         for _, trainer in losses.values():
@@ -335,3 +335,29 @@ def test_kernels_flag_with_the_real_kernels_trains_the_same_loss_curve(
     assert run.kernels["patched"]["rms_norm"] > 0 and run.kernels["patched"]["swiglu"] > 0
     patched = run.trainer.fit()
     assert [r["loss"] for r in patched.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-4)
+
+
+def test_fsdp_shards_each_decoder_layer_found_through_the_peft_wrapper(tiny_model, data, tmp_path):
+    from llmctl.core.finetune.distributed import decoder_layers
+
+    model = build(cfg_for(tiny_model, data, tmp_path / "o", method="dora", max_steps=1)).model
+    layers = decoder_layers(model)
+    assert [type(m).__name__ for m in layers] == ["LlamaDecoderLayer"] * 2
+    assert layers[0] is model.base_model.model.model.layers[0]
+
+
+def test_sft_batches_are_padding_free_and_train_like_padded_ones(tiny_model, data, tmp_path):
+    from llmctl.core.models.varlen import VARLEN_ATTENTION
+
+    cfg = dict(method="full", shuffle=False, max_steps=1, dropout=0.0, batch_size=4)
+    flat = build(cfg_for(tiny_model, data, tmp_path / "a", **cfg)).trainer
+    assert flat.padding_free and flat.model.config._attn_implementation == VARLEN_ATTENTION
+    batches = flat.micro_batches(0)
+    assert batches[0]["input_ids"].shape[0] == 1 and "attention_mask" not in batches[0]
+    padded = build(cfg_for(tiny_model, data, tmp_path / "b", **cfg)).trainer
+    padded.padding_free = False
+    assert padded.micro_batches(0)[0]["input_ids"].shape[0] == 4
+    a, b = flat.train_step(0), padded.train_step(0)
+    assert a["tokens"] == b["tokens"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
