@@ -111,7 +111,8 @@ def load_model(ref: ModelRef, *, device: str = "auto", dtype: str = "auto"):
     from llmctl.core.quantize.runtime import is_quantized_checkpoint, load_quantized
 
     if ref.kind == "hf" and is_quantized_checkpoint(ref.path):  # GPTQ/AWQ/compressed-tensors, on llmctl's
-        model = load_quantized(ref.path, dtype=torch_dtype)  # W4A16 kernel (no gptqmodel/autoawq needed)
+        # W4A16 kernel on CUDA (no gptqmodel/autoawq needed); weights dequantized once on the CPU
+        model = load_quantized(ref.path, dtype=torch_dtype, device=dev)
         model.to(dev)
         return model.eval()
     # llmctl prune --method lowrank: factored linears (config.json "llmctl_lowrank"); see prune/lowrank.py

@@ -197,10 +197,14 @@ def read_quantized(directory: str | Path) -> QuantizedCheckpoint:
 
 
 @torch.no_grad()
-def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32, kernel: bool = True):
+def load_quantized(
+    directory: str | Path, *, dtype: torch.dtype = torch.float32, kernel: bool = True, device=None
+):
     """A transformers causal LM from a quantized llmctl (or GPTQ/AWQ/compressed-tensors) directory, in
     eval mode on the CPU. Integer linears become ``W4A16Linear`` (the Triton W4A16 kernel's module) when
-    ``kernel`` and the kernel module can hold them, else the reference :class:`QuantLinear`."""
+    ``kernel`` and the kernel module can hold them, else the reference :class:`QuantLinear`. A non-CUDA
+    ``device`` (the model will run on the CPU) gets QuantLinears with their dequantized weights cached, as
+    llmctl's engine does: dequantizing in every forward costs far more than the matmul there."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -209,7 +213,7 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32,
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    checkpoint.install(model, dtype, kernel=kernel)
+    checkpoint.install(model, dtype, kernel=kernel, device=device)
     tensors = checkpoint.state
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:

@@ -131,3 +131,20 @@ def test_engine_on_the_w4a16_kernel_module_gives_the_same_tokens(quantized, name
     ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
     ours = generate(engine, [Request(i, SamplingParams(max_tokens=8, ignore_eos=True)) for i in ids])
     assert [c.token_ids for c in ours] == _transformers_greedy(quantized[name], PROMPTS[:2], 8)
+
+
+@pytest.mark.parametrize("name", ["gptq-act-order", "awq", "ct-int4-asym"])
+def test_load_model_on_the_cpu_dequantizes_once_with_the_same_logits(quantized, name):
+    """``llmctl eval``'s loader: on the CPU every QuantLinear keeps its dequantized weight (no per-forward
+    dequantization) and the logits equal the uncached reference path's."""
+    from llmctl.core.models.hf import load_model, resolve_model
+    from llmctl.core.quantize.runtime import QuantLinear, load_quantized
+
+    model = load_model(resolve_model(str(quantized[name])), device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(getattr(m, "dense", None) is not None for m in layers)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        got = model(ids).logits
+        want = load_quantized(quantized[name], kernel=False)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
