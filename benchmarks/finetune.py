@@ -4,10 +4,12 @@ Both run as fresh processes, one after the other, on the same prompt/completion 
 completion only, in both): LoRA r=16, alpha=32, dropout 0.05 on every linear layer, AdamW lr 2e-4, cosine
 schedule, clipping at 1.0, float32, one epoch. Reported: training tokens/s (real tokens, padding excluded,
 over the training loop only), the final training loss, and each process's peak RSS. TRL's SFTTrainer is not
-run: it is not installed in the project environment (see docs/benchmarks.md). The Trainer shuffles and
-llmctl runs --no-shuffle, so final losses come from different last batches: compare speed and memory.
+run: it is not installed in the project environment (see docs/benchmarks.md). Neither shuffles (llmctl
+--no-shuffle, the Trainer with a sequential sampler), so every step holds the same examples in both and the
+final losses are comparable. llmctl computes a batch padding-free (one row, attention per example); the
+Trainer pads it to its longest example (dynamic padding, the usual collator).
 
-    python benchmarks/finetune.py          # SmolLM2-135M-Instruct, 16 GSM8K records, batch 4, length 384
+    python benchmarks/finetune.py          # SmolLM2-135M-Instruct, 32 GSM8K records, batch 4, length 384
     python benchmarks/finetune.py --quick    # tiny model and synthetic data, seconds
 """
 
@@ -64,7 +66,11 @@ args = TrainingArguments(
     lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
     use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0, disable_tqdm=True,
 )
-trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+class InOrder(Trainer):  # the same batches as llmctl --no-shuffle
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate)
 start = time.perf_counter()
 result = trainer.train()
 seconds = time.perf_counter() - start
@@ -149,7 +155,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, synthetic data")
     parser.add_argument("--model", help="model directory (default: SmolLM2, or llama-tiny with --quick)")
-    parser.add_argument("--records", type=int, default=16, help="GSM8K training records (full run)")
+    parser.add_argument("--records", type=int, default=32, help="GSM8K training records (full run)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=1)
