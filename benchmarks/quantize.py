@@ -77,7 +77,8 @@ else:
                            true_sequential=args.get("true_sequential", True))
     t0 = time.perf_counter()
     summary = quantize_model(args["model"], Path(args["out"]), opts, force=True)
-    out["seconds"] = time.perf_counter() - t0
+    out["total_seconds"] = time.perf_counter() - t0  # with loading the model and writing the checkpoint
+    out["seconds"] = summary["quantize_seconds"]  # calibration data + quantization: what oneshot times
     out["size_bytes"] = summary["size_bytes"]
     out["rss_quantize_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model = load_model(resolve_model(args["out"]), device="cpu", dtype="float32")
@@ -151,10 +152,26 @@ def run_worker(args: dict, python: str = sys.executable, code: str = WORKER) -> 
 
 
 def setup_peer() -> None:
+    """llm-compressor in its own venv, on this venv's CPU build of torch: torch is installed first at the
+    exact version running here (a ``+cpu`` local version: pip's find-links or PyTorch's CPU index), then
+    pinned by a constraints file, so resolving llmcompressor can never swap in PyPI's CUDA wheel; the
+    check at the end refuses a venv whose torch was built for CUDA."""
+    import torch
+
+    python = str(PEER_VENV / "bin" / "python")
     subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-    pip = [str(PEER_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "torch", "--index-url", "https://download.pytorch.org/whl/cpu"], check=True)
-    subprocess.run([*pip, "llmcompressor", "datasets"], check=True)
+    pip = [python, "-m", "pip", "install", "-q"]
+    pin = f"torch=={torch.__version__}"
+    if subprocess.run([*pip, pin]).returncode:  # not in the local wheels: PyTorch's CPU index
+        subprocess.run([*pip, pin, "--extra-index-url", "https://download.pytorch.org/whl/cpu"], check=True)
+    constraints = PEER_VENV / "constraints.txt"
+    constraints.write_text(pin + "\n")
+    subprocess.run([*pip, "llmcompressor", "datasets", "-c", str(constraints)], check=True)
+    cuda = subprocess.run(
+        [python, "-c", "import torch; print(torch.version.cuda)"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    if cuda != "None":
+        raise SystemExit(f"{PEER_VENV}: its torch was built for CUDA {cuda}; delete the venv and retry")
 
 
 def main() -> None:
@@ -169,7 +186,7 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="also run FP8 (compressed-tensors)")
     parser.add_argument(
         "--no-true-sequential", action="store_true",
-        help="GPTQ: calibrate each layer in one pass, as llm-compressor does (faster)",
+        help="GPTQ: calibrate all of a layer's linears on the floating-point layer, as llm-compressor does",
     )  # fmt: skip
     parser.add_argument("--only", help="comma-separated subset, e.g. fp32,rtn4,gptq4,awq4,bnb-nf44")
     parser.add_argument("--setup-peer", action="store_true", help="create llm-compressor's own venv first")
@@ -232,7 +249,9 @@ def main() -> None:
         print(
             f"{name:<28}{r['ppl']:>9.3f}{r['seconds']:>9.1f}{rss:>13.0f}{size:>9.1f}{r['gen_tok_s']:>11.1f}{via}"
         )
-    print("gen tok/s: llmctl's engine (llmctl generate), batch 1, greedy; peak RSS: the quantizing process")
+    print("gen tok/s: llmctl's engine (llmctl generate), batch 1, greedy; peak RSS: the quantizing process;")
+    print("quant s: calibration data + quantization (llmctl's quantize_seconds, llm-compressor's oneshot),")
+    print("without loading the model or writing the checkpoint")
     if peer is None and not a.quick:
         print(f"llm-compressor: not run (no venv at {PEER_VENV}; --setup-peer creates it)")
     ppl = {name: r["ppl"] for name, _, r in rows}

@@ -62,11 +62,13 @@ def calibration_ids(tokenizer, spec: CalibrationSpec) -> torch.Tensor:
     texts = read_calibration_texts(spec)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    need = spec.samples * spec.seq_len
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
-    need = spec.samples * spec.seq_len
+        if len(ids) >= need:  # the rest of a large file is never used: do not tokenize it
+            break
     if not ids:
         raise InputDataError(f"calibration data {spec.path} has no text")
     if len(ids) < need:
@@ -126,13 +128,28 @@ class LayerInputs:
         return outs
 
     @torch.no_grad()
+    def forward_with_pre_hooks(
+        self, layer: nn.Module, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]
+    ) -> list[torch.Tensor]:
+        """Run ``layer`` on every batch, calling ``fn(name, input)`` for each module in ``modules`` just
+        before that module runs; ``fn`` may change the module's weights, and the module and everything
+        after it then compute with the new weights. The outputs of the layer are returned.
+
+        With the whole calibration set in one batch, ``fn`` sees every calibration input of a module at
+        once, so one forward can quantize each linear on inputs from the already-quantized linears before
+        it (GPTQ's true-sequential order) and yield the quantized layer's outputs."""
+        with hooks(modules, fn, pre=True):
+            return self.forward(layer)
+
+    @torch.no_grad()
     def collect(
         self, layer: nn.Module, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]
     ) -> None:
         """Run ``layer`` once over the calibration batches, calling ``fn(name, input)`` with the input of
         each module in ``modules`` (``[batch, seq, in_features]``) as it is computed. Each batch's forward
-        stops as soon as every module has seen its input: the rest of the layer is not computed (GPTQ's
-        true-sequential sets would otherwise cost a whole layer forward each)."""
+        stops as soon as every module has seen its input, before the last of them runs: the rest of the
+        layer is not computed (GPTQ's true-sequential sets would otherwise cost a whole layer forward
+        each)."""
         seen: set[str] = set()
 
         def record(name: str, x: torch.Tensor) -> None:
@@ -141,7 +158,7 @@ class LayerInputs:
             if len(seen) == len(modules):
                 raise _StopForward
 
-        with hooks(modules, record):
+        with hooks(modules, record, pre=True):
             for h, kw in zip(self.hidden, self.kwargs, strict=True):
                 seen.clear()
                 try:
@@ -151,11 +168,18 @@ class LayerInputs:
 
 
 @contextmanager
-def hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
-    handles = [
-        m.register_forward_hook(lambda mod, args, out, name=name: fn(name, args[0]))
-        for name, m in modules.items()
-    ]
+def hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None], pre: bool = False):
+    """Call ``fn(name, input)`` on each module's input, after the module ran (or, with ``pre``, before)."""
+    if pre:
+        handles = [
+            m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, args[0]))
+            for name, m in modules.items()
+        ]
+    else:
+        handles = [
+            m.register_forward_hook(lambda mod, args, out, name=name: fn(name, args[0]))
+            for name, m in modules.items()
+        ]
     try:
         yield
     finally:
@@ -195,17 +219,18 @@ def capture_first_layer_inputs(model, ids: torch.Tensor, batch_size: int) -> Lay
 def run_layerwise(
     model,
     ids: torch.Tensor,
-    on_layer: Callable[[int, nn.Module, LayerInputs], None],
+    on_layer: Callable[[int, nn.Module, LayerInputs], list[torch.Tensor] | None],
     *,
     batch_size: int = 8,
     progress: Callable[[], None] | None = None,
 ) -> None:
     """Call ``on_layer(index, layer, inputs)`` for each decoder layer in order; ``inputs`` are produced
-    by the already-processed (for example quantized) earlier layers."""
+    by the already-processed (for example quantized) earlier layers. ``on_layer`` may return the
+    processed layer's outputs (per batch) when it computed them anyway; otherwise the layer is re-run."""
     inputs = capture_first_layer_inputs(model, ids, batch_size)
     for index, layer in enumerate(decoder_layers(model)):
-        on_layer(index, layer, inputs)
-        inputs = LayerInputs(inputs.forward(layer), inputs.kwargs)
+        outputs = on_layer(index, layer, inputs)
+        inputs = LayerInputs(inputs.forward(layer) if outputs is None else outputs, inputs.kwargs)
         if progress:
             progress()
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from llmctl.core.errors import LlmctlError
 from llmctl.core.quantize.formats import QuantizedWeight, natural_g_idx
-from llmctl.core.quantize.rtn import check_group_size, grid_params, quantize_int
+from llmctl.core.quantize.rtn import check_group_size, grid_params
 
 BLOCK_SIZE = 128
 MAX_DAMP_RAISES = 6
@@ -64,18 +65,25 @@ def _one_thread() -> Iterator[None]:
 def _damped_cholesky_inverse(
     H: torch.Tensor, damp: float, warn: Callable[[str], None] | None, name: str
 ) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)⁻¹``, raising ``damp`` while it fails."""
+    """Upper Cholesky factor ``U`` of ``(H + damp*mean(diag H)*I)⁻¹`` (``H⁻¹ = Uᵀ U``), raising ``damp``
+    while it fails.
+
+    The reference factors ``H``, inverts it and factors the inverse again. Here one factorisation does:
+    with ``J`` the order-reversing permutation and ``J H J = M Mᵀ`` (lower ``M``),
+    ``H⁻¹ = (J M⁻¹ J)ᵀ (J M⁻¹ J)`` and ``J M⁻¹ J`` is upper triangular with a positive diagonal, so it is
+    that factor: one Cholesky and one triangular inverse instead of two Cholesky factorisations and a
+    solve (2.2x faster at 1536 columns, and as accurate: tests compare it with the float64 reference)."""
     mean_diag = torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], dtype=H.dtype)
+    flipped = H.flip(0, 1)
     current = damp
     for attempt in range(MAX_DAMP_RAISES + 1):
-        L, info = torch.linalg.cholesky_ex(H + current * mean_diag * eye)
+        damped = flipped.clone()
+        damped.diagonal().add_(current * mean_diag)
+        M, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
-            # H⁻¹ from its Cholesky factor; torch.cholesky_solve against I gives torch.cholesky_inverse's
-            # result (to ~1e-6) about 20x faster on CPU (1.5 s -> 0.07 s for 576x576 on this machine)
-            Hinv = torch.cholesky_solve(eye, L)
-            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info2 == 0:
+            U = torch.linalg.solve_triangular(M, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
                 if attempt and warn:
                     warn(f"{name}: Hessian not positive definite with damp {damp}; used damp {current:g}")
                 return U
@@ -86,9 +94,38 @@ def _damped_cholesky_inverse(
     )
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What the column loop needs from a Hessian: its dead inputs, the column order (act-order or
+    natural) and ``U`` for that order. It depends on ``H``, ``act_order`` and ``damp`` only, so linears
+    fed the same input (q/k/v, gate/up) share one factorisation."""
+
+    dead: torch.Tensor  # [K] bool
+    perm: torch.Tensor  # [K] the quantization order
+    U: torch.Tensor  # [K, K] upper Cholesky factor of the damped inverse, in ``perm`` order
+
+
+def hessian_factor(
+    H: torch.Tensor,
+    *,
+    act_order: bool = False,
+    damp: float = 0.01,
+    warn: Callable[[str], None] | None = None,
+    name: str = "layer",
+) -> HessianFactor:
+    H = H.to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = torch.arange(H.shape[0])
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        H = H[perm][:, perm]
+    return HessianFactor(dead, perm, _damped_cholesky_inverse(H, damp, warn, name))
+
+
 def gptq_quantize(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | None,
     *,
     bits: int,
     group_size: int,
@@ -99,49 +136,45 @@ def gptq_quantize(
     block_size: int = BLOCK_SIZE,
     warn: Callable[[str], None] | None = None,
     name: str = "layer",
+    factor: HessianFactor | None = None,
 ) -> QuantizedWeight:
-    """Quantize ``weight [N, K]`` given its Hessian ``H [K, K]``."""
+    """Quantize ``weight [N, K]`` given its Hessian ``H [K, K]`` (or the :func:`hessian_factor` of it,
+    made with the same ``act_order`` and ``damp``)."""
     W = weight.detach().to(torch.float32).clone()
     n, k = W.shape
     check_group_size(k, group_size, name)
-    H = H.to(torch.float32).clone()
+    if factor is None:
+        factor = hessian_factor(H, act_order=act_order, damp=damp, warn=warn, name=name)
     size = k if group_size == -1 else group_size
     num_groups = k // size
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
+    W[:, factor.dead] = 0
     static: list[tuple[torch.Tensor, torch.Tensor]] = []
     if static_groups:  # grids of the unmodified weight, in the natural column order
         for g in range(num_groups):
             static.append(grid_params(W[:, g * size : (g + 1) * size], bits, sym))
-
-    perm = torch.arange(k)
+    perm, U = factor.perm, factor.U
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
-        H = H[perm][:, perm]
     invperm = torch.argsort(perm)
 
-    U = _damped_cholesky_inverse(H, damp, warn, name)
-
-    Q = torch.zeros(n, k, dtype=torch.float32)  # integers, in the (possibly permuted) column order
+    # Work on the transpose: a column of W (what the loop quantizes) is then one contiguous row, and
+    # every per-column update is a contiguous in-place rank-1 update (BLAS ger), not a strided temporary.
+    WT = W.T.contiguous()  # [k, n]
+    QT = torch.empty(k, n, dtype=torch.float32)  # integers, in the (possibly permuted) column order
     scales = torch.zeros(num_groups, n)
     zeros = torch.zeros(num_groups, n)
     col_group = torch.zeros(k, dtype=torch.long)  # group of each column, permuted order
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
+        ErrT = torch.empty(i2 - i1, n)
         with _one_thread():
             _quantize_block(
-                W, W1, Err1, U1, Q, scales, zeros, col_group, i1, i2, static, perm, size, bits, sym
+                WT, ErrT, U[i1:i2, i1:i2], QT, scales, zeros, col_group, i1, static, perm, size, bits, sym
             )
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy update of all later columns: one matrix product
+        WT[i2:].addmm_(U[i1:i2, i2:].T, ErrT, alpha=-1)  # the lazy update of all later columns: one matmul
 
-    Q = Q[:, invperm]
+    Q = QT[invperm].T
     g_idx = col_group[invperm].to(torch.int32)
     if not act_order or static_groups:
         assert torch.equal(g_idx, natural_g_idx(k, group_size))
@@ -151,10 +184,17 @@ def gptq_quantize(
     )  # fmt: skip
 
 
-def _quantize_block(W, W1, Err1, U1, Q, scales, zeros, col_group, i1, i2, static, perm, size, bits, sym):
-    """Quantize columns ``i1:i2`` one by one (``W1`` is their working copy), spreading each column's
-    error over the rest of the block; fills ``Q``, ``Err1``, the group grids and ``col_group``."""
-    for i in range(i2 - i1):
+def _quantize_block(WT, ErrT, U1, QT, scales, zeros, col_group, i1, static, perm, size, bits, sym):
+    """Quantize columns ``i1:i1+len(U1)`` (rows of the transposed weight ``WT``) one by one in place,
+    spreading each column's error over the rest of the block; fills ``QT``, ``ErrT`` (the block's
+    scaled errors), the group grids and ``col_group``. Each step is the reference's
+    ``q = clamp(round(w / scale) + zero, 0, maxq)``, ``err = (w - scale * (q - zero)) / U[i, i]``,
+    ``W[:, i+1:] -= err ⊗ U[i, i+1:]``, written as in-place ops on contiguous rows."""
+    b = U1.shape[0]
+    W1 = WT[i1 : i1 + b]  # a view: the block is updated in place (its old values are never read again)
+    diag = torch.diagonal(U1).tolist()
+    maxq = 2**bits - 1
+    for i in range(b):
         col = i1 + i
         if static:
             g = int(perm[col]) // size
@@ -163,13 +203,15 @@ def _quantize_block(W, W1, Err1, U1, Q, scales, zeros, col_group, i1, i2, static
         else:
             g = col // size
             if col % size == 0:  # a new group: its grid from the current (updated) columns
-                group = torch.cat([W1[:, i : i + size], W[:, i2 : col + size]], dim=1)
-                scales[g], zeros[g] = grid_params(group, bits, sym)
+                scales[g], zeros[g] = grid_params(WT[col : col + size].T, bits, sym)
             scale, zero = scales[g], zeros[g]
         col_group[col] = g
-        w = W1[:, i]
-        q = quantize_int(w, scale, zero, bits)
-        Q[:, col] = q
-        err = (w - scale * (q - zero)) / U1[i, i]
-        W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-        Err1[:, i] = err
+        w, q, err = W1[i], QT[col], ErrT[i]
+        torch.div(w, scale, out=q)
+        q.round_().add_(zero).clamp_(0, maxq)
+        torch.sub(q, zero, out=err)
+        err.mul_(scale)
+        torch.sub(w, err, out=err)
+        err.div_(diag[i])
+        if i + 1 < b:
+            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)

@@ -7,6 +7,7 @@ the outputs of the already-quantized layers before it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -144,6 +145,15 @@ def _store(lin: nn.Linear, qw, fmt: str | None = None):
     return qw
 
 
+def _rows(qw: F.QuantizedWeight, start: int, stop: int) -> F.QuantizedWeight:
+    """Output rows ``start:stop`` of an integer quantized weight (its own linear's share; every tensor its
+    own copy: a checkpoint cannot hold tensors that share memory)."""
+    return dataclasses.replace(
+        qw, qweight=qw.qweight[start:stop].clone(), scales=qw.scales[start:stop].clone(),
+        zeros=qw.zeros[start:stop].clone(), g_idx=qw.g_idx.clone(),
+    )  # fmt: skip
+
+
 def _rtn_like(model, targets, opts, progress) -> dict[str, F.QuantizedWeight]:
     out = {}
     for name, lin in targets.items():
@@ -176,19 +186,98 @@ def _shared_hessians(acc: dict) -> tuple[Callable[[str, torch.Tensor], None], di
     return add, alias
 
 
+# A true-sequential GPTQ layer is quantized in one forward when the whole calibration set fits one batch
+# within this many bytes of activations (see _fits_one_batch); larger sets use --batch-size batches.
+ONE_BATCH_BYTES = 1 << 30
+
+
+def _fits_one_batch(model, ids: torch.Tensor) -> bool:
+    """Whether one forward of a decoder layer over every calibration token at once stays within
+    ``ONE_BATCH_BYTES``: float32 activations estimated as each linear's output, twice over (the norms,
+    residuals, rotary and activation-function temporaries around them). SmolLM2-135M: 41 KiB a token,
+    so 32 x 512 tokens take ~0.7 GB; the 128 x 2048 default needs batches."""
+    per_token = 2 * 4 * sum(m.out_features for m in linears_of(decoder_layers(model)[0]).values())
+    return ids.numel() * per_token <= ONE_BATCH_BYTES
+
+
 def _gptq(model, targets, opts, ids, progress, warn) -> dict[str, F.QuantizedWeight]:
-    from llmctl.core.quantize.gptq import HessianAccumulator, gptq_quantize
+    """GPTQ layer by layer. Three schedules, one result:
+
+    * true-sequential, calibration set in one batch (the default whenever it fits ``ONE_BATCH_BYTES``):
+      one forward per layer; each linear is quantized from a forward pre-hook, on its full calibration
+      input, just before it runs, so every linear sees inputs from the already-quantized linears before
+      it and the forward's output is the quantized layer's output (the input of the next layer);
+    * true-sequential in batches (the reference): for each set of ``SEQUENTIAL`` a forward that stops
+      at the set's inputs, then the set is quantized; then one more forward for the layer's output;
+    * ``--no-true-sequential`` (llm-compressor's and the GPTQ reference's default): one forward collects
+      every linear's input from the floating-point layer, then all are quantized, then the output forward.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one Hessian and one factorisation."""
+    from llmctl.core.quantize.gptq import HessianAccumulator, gptq_quantize, hessian_factor
 
     layers = decoder_layers(model)
     prefix = next(name for name, m in model.named_modules() if m is layers)
     out: dict[str, F.QuantizedWeight] = {}
+    one_batch = opts.true_sequential and _fits_one_batch(model, ids)
 
-    def on_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-        own = {
+    def quantize(index: int, names: list[str], own: dict[str, nn.Linear], factor) -> None:
+        """GPTQ on linears that share one Hessian factor, as one weight of their stacked rows: rows are
+        quantized independently, so this is each linear's own result, in one column loop instead of one
+        per linear."""
+        fulls = [f"{prefix}.{index}.{n}" for n in names]
+        W = torch.cat([own[n].weight.detach() for n in names]) if len(names) > 1 else own[names[0]].weight
+        qw = gptq_quantize(
+            W, None, bits=opts.bits, group_size=opts.group_size, sym=opts.sym, act_order=opts.act_order,
+            static_groups=opts.static_groups, damp=opts.damp, name=fulls[0], factor=factor,
+        )  # fmt: skip
+        start = 0
+        for n, full in zip(names, fulls, strict=True):
+            stop = start + own[n].out_features
+            out[full] = _store(own[n], _rows(qw, start, stop) if len(names) > 1 else qw, opts.fmt)
+            start = stop
+
+    def factor_of(x_or_acc, full: str):
+        acc = x_or_acc
+        if isinstance(x_or_acc, torch.Tensor):
+            acc = HessianAccumulator(x_or_acc.shape[-1])
+            acc.add(x_or_acc)
+        return hessian_factor(acc.H, act_order=opts.act_order, damp=opts.damp, warn=warn, name=full)
+
+    def own_linears(index: int) -> dict[str, nn.Linear]:
+        return {
             n[len(f"{prefix}.{index}.") :]: m
             for n, m in targets.items()
             if n.startswith(f"{prefix}.{index}.")
         }
+
+    def on_layer_one_forward(index: int, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+        own = own_linears(index)
+        done: dict[str, torch.Tensor] = {}  # linear -> the input it was quantized for
+        originals: dict[str, torch.Tensor] = {}  # weights of linears quantized ahead of their own call
+
+        def quantize_before_run(n: str, x: torch.Tensor) -> None:
+            if n in done:
+                if done[n] is x or n not in originals:
+                    return
+                own[n].weight.data.copy_(originals.pop(n))  # it was fed another tensor after all: redo it
+            # the rest of n's true-sequential set is fed the same tensor in Llama-like layers (q/k/v,
+            # gate/up): quantize them with n now, and check the guess when each of them is called
+            peers = [
+                m for s in SEQUENTIAL if n in s for m in s
+                if m != n and m in own and m not in done and own[m].in_features == own[n].in_features
+            ]  # fmt: skip
+            for m in peers:
+                originals[m] = own[m].weight.detach().clone()
+            quantize(index, [n, *peers], own, factor_of(x, f"{prefix}.{index}.{n}"))
+            for m in (n, *peers):
+                done[m] = x
+
+        outputs = inputs.forward_with_pre_hooks(layer, own, quantize_before_run)
+        progress()
+        return outputs
+
+    def on_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        own = own_linears(index)
         sets = [[n for n in s if n in own] for s in SEQUENTIAL] if opts.true_sequential else []
         rest = [n for n in own if not any(n in s for s in sets)]
         sets = [s for s in sets if s] + ([rest] if rest else [])
@@ -196,19 +285,13 @@ def _gptq(model, targets, opts, ids, progress, warn) -> dict[str, F.QuantizedWei
             acc = {n: HessianAccumulator(own[n].in_features) for n in names}
             add, alias = _shared_hessians(acc)
             inputs.collect(layer, {n: own[n] for n in names}, add)
-            acc.update({n: acc[owner] for n, owner in alias.items()})
-            for n in names:
-                full = f"{prefix}.{index}.{n}"
-                qw = gptq_quantize(
-                    own[n].weight, acc[n].H, bits=opts.bits, group_size=opts.group_size, sym=opts.sym,
-                    act_order=opts.act_order, static_groups=opts.static_groups, damp=opts.damp,
-                    warn=warn, name=full,
-                )  # fmt: skip
-                out[full] = _store(own[n], qw, opts.fmt)
-                del acc[n]
+            for owner in [n for n in names if n not in alias]:
+                group = [owner] + [n for n in names if alias.get(n) == owner]
+                quantize(index, group, own, factor_of(acc[owner], f"{prefix}.{index}.{owner}"))
         progress()
 
-    run_layerwise(model, ids, on_layer, batch_size=opts.batch_size)
+    batch_size = ids.shape[0] if one_batch else opts.batch_size
+    run_layerwise(model, ids, on_layer_one_forward if one_batch else on_layer, batch_size=batch_size)
     return out
 
 
