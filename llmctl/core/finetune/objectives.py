@@ -163,6 +163,24 @@ def trained_logits(model, batch: dict, *, reference: bool = False):
     return head(hidden[mask]), targets[mask], rows
 
 
+def fused_sft_sum(model, batch: dict, label_smoothing: float):
+    """The SFT loss sum through :func:`llmctl.kernels.fused_linear_ce.fused_linear_cross_entropy` (Triton on
+    CUDA, its torch reference elsewhere), or None for a model whose logits are more than ``head(hidden)``."""
+    parts = _decoder_and_head(model)
+    if parts is None:
+        return None
+    from llmctl.kernels.fused_linear_ce import fused_linear_cross_entropy
+
+    decoder, head = parts
+    targets = batch["targets"]
+    mask = targets != IGNORE
+    hidden = decoder(**_model_kwargs(batch)).last_hidden_state[mask]
+    loss = fused_linear_cross_entropy(
+        hidden, head.weight, targets[mask], bias=head.bias, reduction="sum", label_smoothing=label_smoothing
+    )
+    return loss, int(mask.sum()), {}
+
+
 def selected_logps(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int):
     """Per-row sums of target log-probs and trained-token counts from selected logits."""
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n]
@@ -180,8 +198,15 @@ def batch_loss(
     label_smoothing: float,
     ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
     reference: bool = False,
+    fused_ce: bool = False,
 ) -> tuple[torch.Tensor, int, dict]:
-    """``(sum of per-item losses, item count, extra metrics)`` for one micro-batch."""
+    """``(sum of per-item losses, item count, extra metrics)`` for one micro-batch. ``fused_ce`` (SFT, with
+    ``--kernels``) takes the loss from llmctl's fused linear + cross-entropy kernel: the LM head and the loss
+    run in chunks of tokens, so not even the trained positions' logits exist at once."""
+    if fused_ce and objective.name == "sft" and not reference:
+        loss = fused_sft_sum(model, batch, label_smoothing)
+        if loss is not None:
+            return loss
     logits, targets, rows = trained_logits(model, batch, reference=reference)
     if objective.name == "sft":
         loss = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)

@@ -206,6 +206,7 @@ class Trainer:
                 loss_sum, _, extra = batch_loss(
                     self.objective, self.model, batch, beta=self.beta, gamma=self.cfg.simpo_gamma,
                     label_smoothing=self.cfg.label_smoothing, ref_logps=ref, reference=self.sharded,
+                    fused_ce=self.cfg.kernels,
                 )  # fmt: skip
             loss = loss_sum / total if weight else loss_sum * 0.0
             (self.scaler.scale(loss) if self.scaler else loss).backward()

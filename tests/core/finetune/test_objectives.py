@@ -90,3 +90,30 @@ def test_sft_sum_is_summed_cross_entropy_with_optional_label_smoothing():
 def test_unknown_objective_lists_the_known_ones():
     with pytest.raises(UsageError, match="sft, dpo, orpo, simpo"):
         get_objective("kto")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_fused_linear_cross_entropy_path_gives_the_same_loss_and_gradients(tiny_model, smoothing):
+    """``--kernels``: the SFT loss through llmctl's fused LM head + cross-entropy equals the plain one."""
+    from llmctl.core.finetune.batching import as_unit, collate
+    from llmctl.core.finetune.data import Example
+    from llmctl.core.finetune.objectives import OBJECTIVES, batch_loss
+    from llmctl.core.models.hf import load_model, resolve_model
+
+    model = load_model(resolve_model(tiny_model), device="cpu")
+    model.train()
+    docs = [Example([5, 9, 14, 30, 2], [IGNORE, IGNORE, 14, 30, 2]), Example([7, 8, 99], [7, 8, 99])]
+    batch = collate([as_unit(d) for d in docs], pad_id=0, packed=False)
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        loss, n, _ = batch_loss(
+            OBJECTIVES["sft"], model, batch, beta=0.0, gamma=0.0, label_smoothing=smoothing, fused_ce=fused
+        )
+        loss.backward()
+        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (fused_loss, n_fused, g_fused), (plain_loss, n_plain, g_plain) = results
+    assert n_fused == n_plain == 5
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in g_plain.items():
+        torch.testing.assert_close(g_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
