@@ -101,12 +101,15 @@ def barrier_and_close() -> None:
 
 
 # -- FSDP --------------------------------------------------------------------------------------------------
-def decoder_layers(model) -> list:
-    """The model's repeated blocks: the modules whose class the model lists in ``_no_split_modules``."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
+def decoder_layers(model):
+    """The model's decoder layers (quantize.calib's lookup), through a PEFT wrapper; [] if it has none."""
+    from llmctl.core.errors import ModelError
+    from llmctl.core.quantize.calib import decoder_layers as find
+
+    try:
+        return find(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    except ModelError:
+        return []
 
 
 def shard(model) -> int:
@@ -124,7 +127,7 @@ def shard(model) -> int:
     layers = decoder_layers(model)
     if not layers:
         raise UsageError(
-            "--strategy fsdp: this model names no decoder layers (_no_split_modules); use --strategy ddp"
+            "--strategy fsdp: no decoder layer list (model.layers) found in this model; use --strategy ddp"
         )
     for layer in reversed(layers):  # innermost first, should one block class contain another
         fully_shard(layer)

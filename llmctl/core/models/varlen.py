@@ -74,7 +74,15 @@ def _segmented_sdpa(query, key, value, spans, scaling, gqa: bool) -> torch.Tenso
 
 
 def make_varlen_attention(fallback: Callable) -> Callable:
-    """An HF attention function: per-document causal SDPA for unpadded rows, ``fallback`` otherwise."""
+    """An HF attention function: per-document causal SDPA for unpadded rows, ``fallback`` otherwise. Every
+    layer of one forward gets the same ``position_ids`` tensor, so its spans are found once, not per layer."""
+    last: list = [None, None]  # (position_ids tensor, spans of each row)
+
+    def spans_of(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
+        if last[0] is not position_ids or len(last[1]) != rows:
+            expanded = position_ids.expand(rows, -1)
+            last[:] = [position_ids, [document_spans(expanded[b]) for b in range(rows)]]
+        return last[1]
 
     def llmctl_varlen_sdpa(
         module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
@@ -97,12 +105,10 @@ def make_varlen_attention(fallback: Callable) -> Callable:
             kwargs.update(dropout=dropout, scaling=scaling, is_causal=is_causal)
             return fallback(module, query, key, value, attention_mask, **kwargs)
         gqa = query.shape[1] != key.shape[1]
-        rows = position_ids.expand(query.shape[0], -1)
+        spans = spans_of(position_ids, query.shape[0])
         out = torch.cat(
             [
-                _segmented_sdpa(
-                    query[b : b + 1], key[b : b + 1], value[b : b + 1], document_spans(rows[b]), scaling, gqa
-                )
+                _segmented_sdpa(query[b : b + 1], key[b : b + 1], value[b : b + 1], spans[b], scaling, gqa)
                 for b in range(query.shape[0])
             ],
             dim=0,
