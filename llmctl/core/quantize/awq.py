@@ -94,16 +94,45 @@ def _w_mean(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
     return g.reshape(w.shape).mean(dim=0)  # [K]
 
 
+def gram(x: list[torch.Tensor]) -> torch.Tensor:
+    """``sum x^T x`` over every token of the batches ``x``: ``[K, K]``."""
+    flat = [b.reshape(-1, b.shape[-1]).float() for b in x]
+    return sum(f.T @ f for f in flat)
+
+
 @torch.no_grad()
 def search_scales(
-    linears: list[nn.Linear], x: list[torch.Tensor], inspect, *, bits: int, group_size: int
+    linears: list[nn.Linear],
+    x: list[torch.Tensor],
+    inspect,
+    *,
+    bits: int,
+    group_size: int,
+    linear_block: bool = False,
 ) -> torch.Tensor:
     """The best AWQ scales ``[K]`` for ``linears`` sharing the input batches ``x``; ``inspect(i)`` runs
-    the block they feed on batch ``i`` with the current weights."""
+    the block they feed on batch ``i`` with the current weights.
+
+    ``linear_block``: the block is the single linear itself (``down``, ``o``), so its output error over
+    the batches is ``sum ||(W' - W) x||^2 = tr(dW G dW^T)`` with ``G = sum x^T x``: the same number from
+    a ``[N, K] x [K, K]`` product per grid point instead of a forward over every calibration token."""
     x_mean = torch.cat([b.reshape(-1, b.shape[-1]).abs().float() for b in x]).mean(dim=0)  # [K]
     w_mean = _w_mean(linears, group_size)
-    reference = [inspect(i) for i in range(len(x))]
     originals = [lin.weight.detach().clone() for lin in linears]
+    if linear_block:
+        (only,) = linears
+        g = gram(x)
+        original = originals[0].float()
+
+        def error() -> float:
+            delta = only.weight.float() - original
+            return float(((delta @ g) * delta).sum())
+    else:
+        reference = [inspect(i) for i in range(len(x))]
+
+        def error() -> float:
+            return sum(float((inspect(i) - ref).float().pow(2).sum()) for i, ref in enumerate(reference))
+
     best, best_err = torch.ones_like(x_mean), float("inf")
     try:
         for step in range(N_GRID):
@@ -112,7 +141,7 @@ def search_scales(
             s = s / (s.max() * s.min()).sqrt()
             for lin, w in zip(linears, originals, strict=True):
                 lin.weight.copy_(awq_fake_quantize(w.float() * s, bits, group_size) / s)
-            err = sum(float((inspect(i) - ref).float().pow(2).sum()) for i, ref in enumerate(reference))
+            err = error()
             if err < best_err:
                 best_err, best = err, s.clone()
     finally:
@@ -201,7 +230,11 @@ def awq_layer(layer: nn.Module, inputs: LayerInputs, *, bits: int, group_size: i
 
     found = []
     for _prev, linears, name in groups:  # every search sees the fp weights and inputs, as in AutoAWQ
-        found.append(search_scales(linears, feats[name], inspector(name), bits=bits, group_size=group_size))
+        lone = name in ("o", "down")
+        s = search_scales(
+            linears, feats[name], inspector(name), bits=bits, group_size=group_size, linear_block=lone
+        )
+        found.append(s)
     for (prev, linears, name), s in zip(groups, found, strict=True):
         _fold(prev, linears, s)
         feats[name] = [x / s.to(x.dtype) for x in feats[name]]

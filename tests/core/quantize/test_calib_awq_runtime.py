@@ -89,6 +89,23 @@ def test_awq_clip_search_never_increases_a_groups_output_error():
     assert clipped < plain
 
 
+def test_awq_scale_search_of_a_lone_linear_by_gram_matrix_picks_the_forward_searchs_scales():
+    from llmctl.core.quantize.awq import search_scales
+
+    gen = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(64, 24)
+    lin.weight.data = torch.randn(24, 64, generator=gen) * torch.where(
+        torch.rand(24, 64, generator=gen) > 0.95, 5, 1
+    )
+    x = [torch.randn(2, 40, 64, generator=gen) * torch.linspace(0.1, 8, 64) for _ in range(3)]
+    w0 = lin.weight.data.clone()
+    by_forward = search_scales([lin], x, lambda i: lin(x[i]), bits=3, group_size=16)
+    by_gram = search_scales([lin], x, None, bits=3, group_size=16, linear_block=True)
+    assert torch.equal(lin.weight.data, w0)  # the search leaves the weights as they were
+    assert not torch.equal(by_forward, torch.ones(64))  # a real choice was made
+    assert torch.allclose(by_forward, by_gram)
+
+
 @pytest.fixture(scope="module")
 def written(tiny_model, tmp_path_factory):
     """Each method quantized once and written in its format: (directory, in-memory quantized model)."""
