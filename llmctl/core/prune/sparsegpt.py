@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from llmctl.core.prune.masks import Pattern, lowest
-from llmctl.core.quantize.gptq import BLOCK_SIZE, HessianAccumulator, _damped_cholesky_inverse
+from llmctl.core.quantize.gptq import BLOCK_SIZE, HessianAccumulator, _damped_cholesky_inverse, _one_thread
 
 __all__ = ["HessianAccumulator", "sparsegpt_prune"]
 
@@ -59,29 +59,42 @@ def sparsegpt_prune(
     U = _damped_cholesky_inverse(H, damp, warn, name)  # [K, K] upper
     bs = _block_size(block_size, pattern)
 
+    # Work on the transpose, as GPTQ does: a column of W is one contiguous row, and each per-column update
+    # is an in-place rank-1 update (BLAS ger) on contiguous memory instead of a strided temporary.
+    WT = W.T.contiguous()  # [K, N]
     for i1 in range(0, k, bs):
         i2 = min(i1 + bs, k)
-        W1 = W[:, i1:i2].clone()  # [N, B]
-        Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)  # [B]
         if pattern is None:
-            saliency = W1.pow(2) / d.pow(2)[None, :]
-            count = int(W1.numel() * sparsity)
-            mask1 = lowest(saliency.reshape(1, -1), count).reshape(W1.shape)
+            saliency = WT[i1:i2].pow(2) / d.pow(2)[:, None]  # [B, N]
+            count = int(saliency.numel() * sparsity)
+            maskT = lowest(saliency.T.reshape(1, -1), count).reshape(n, i2 - i1).T.contiguous()
         else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if pattern is not None and i % pattern.m == 0:
-                g = slice(i, i + pattern.m)
-                saliency = W1[:, g].pow(2) / d[g].pow(2)[None, :]
-                mask1[:, g] = lowest(saliency, pattern.m - pattern.n)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0)
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            W1[:, i] = q  # exactly zero where pruned (the update above leaves rounding noise)
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return W
+            maskT = torch.zeros(i2 - i1, n, dtype=torch.bool)
+        ErrT = torch.empty(i2 - i1, n)
+        with _one_thread():
+            _prune_block(WT[i1:i2], ErrT, U1, maskT, pattern)
+        WT[i2:].addmm_(U[i1:i2, i2:].T, ErrT, alpha=-1)  # the lazy update of all later columns
+    return WT.T.contiguous()
+
+
+def _prune_block(
+    W1: torch.Tensor, ErrT: torch.Tensor, U1: torch.Tensor, maskT: torch.Tensor, pattern
+) -> None:
+    """Prune the block's columns (rows of the transposed ``W1 [B, N]``, updated in place) one by one,
+    spreading each column's error over the rest of the block; fills ``ErrT`` with the scaled errors."""
+    b = U1.shape[0]
+    diag = torch.diagonal(U1)
+    pivots = diag.tolist()
+    for i in range(b):
+        if pattern is not None and i % pattern.m == 0:  # choose this N:M group's mask now
+            g = slice(i, i + pattern.m)
+            saliency = W1[g].pow(2) / diag[g].pow(2)[:, None]  # [M, N]
+            maskT[g] = lowest(saliency.T, pattern.m - pattern.n).T
+        w, err = W1[i], ErrT[i]
+        torch.mul(w, maskT[i], out=err)  # the pruned part of the column: w - q
+        err.div_(pivots[i])
+        if i + 1 < b:
+            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)
+        w.masked_fill_(maskT[i], 0)  # exactly zero where pruned
