@@ -36,13 +36,14 @@ GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
 
 
 def texts(quick: bool, tmp: Path, eval_chars: int):
-    """(calibration file, held-out text, domain file, in-domain held-out text)."""
+    """(calibration file, held-out text, domain file, in-domain held-out text, in-domain prompts)."""
     if quick or not WIKITEXT.is_file():
         words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
         lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(200)]
         calib, held = lines[:100], " ".join(lines[100:])[:eval_chars]
         domain = [f"Q: what is {i} plus {i}? A: {2 * i}." for i in range(200)]
         domain_held = " ".join(f"Q: what is {i} times 2? A: {2 * i}." for i in range(50))[:eval_chars]
+        prompts = [f"Q: what is {i} plus {i}? A:" for i in (300, 301)]
     else:
         lines = [line for line in WIKITEXT.read_text(encoding="utf-8").splitlines() if line.strip()]
         half = len(lines) // 2
@@ -55,10 +56,12 @@ def texts(quick: bool, tmp: Path, eval_chars: int):
 
         domain = qa(GSM8K_TRAIN)[:2000]
         domain_held = "\n\n".join(qa(GSM8K_TEST)[:200])[:eval_chars]
+        questions = [json.loads(line)["question"] for line in GSM8K_TEST.open(encoding="utf-8")]
+        prompts = [q + " " for q in questions[200:203]]  # not scored above; as the domain file lays them out
     calib_path, domain_path = tmp / "calib.txt", tmp / "domain.txt"
     calib_path.write_text("\n".join(calib) + "\n", encoding="utf-8")
     domain_path.write_text("\n".join(d.replace("\n", " ") for d in domain) + "\n", encoding="utf-8")
-    return calib_path, held, domain_path, domain_held
+    return calib_path, held, domain_path, domain_held, prompts
 
 
 def tokens_per_second(model, tokenizer, new_tokens: int) -> float:
@@ -70,6 +73,44 @@ def tokens_per_second(model, tokenizer, new_tokens: int) -> float:
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+
+def speculative_rows(model_dir: Path, drafts: dict[int, Path], prompts: list[str], new_tokens: int, n_layers):
+    """Each shallow model as the draft of the dense one in llmctl's speculative decoding (``llmctl generate
+    --draft``): exact greedy, batch 1, on in-domain prompts; tokens/s against plain greedy, and how many
+    drafted tokens the dense model accepted."""
+    from llmctl.core.generate.engine import Request, generate
+    from llmctl.core.generate.run import load_engine
+    from llmctl.core.generate.sampling import SamplingParams
+    from llmctl.core.generate.speculative import SpeculativeStats, generate_speculative
+
+    engine = load_engine(str(model_dir), device="cpu", dtype="float32")
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    requests = [Request(engine.tokenizer(p)["input_ids"], params) for p in prompts]
+    generate(engine, [Request(requests[0].prompt_ids, SamplingParams(max_tokens=2, ignore_eos=True))])
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        for r in requests:
+            fn(r)
+        return len(requests) * new_tokens / (time.perf_counter() - start)
+
+    plain = timed(lambda r: generate(engine, [r]))
+    rows = []
+    for k, path in drafts.items():
+        draft = load_engine(str(path), device="cpu", dtype="float32")
+        for num_draft in (2, 4):
+            stats = SpeculativeStats()
+            tps = timed(
+                lambda r, d=draft, n=num_draft, s=stats: generate_speculative(
+                    engine, d, r, num_draft=n, stats=s
+                )
+            )
+            rows.append((f"draft -{k}/{n_layers} (progressive + recovery), k={num_draft}", tps, tps / plain,
+                         stats.acceptance))  # fmt: skip
+            print(f"  speculative {rows[-1][0]}: {tps:.1f} tok/s ({tps / plain:.2f}x), "
+                  f"accepted {stats.acceptance:.0%}", file=sys.stderr, flush=True)  # fmt: skip
+    return plain, rows
 
 
 def main() -> None:
@@ -97,11 +138,14 @@ def main() -> None:
     parser.add_argument(
         "--drop", type=int, help="layers dropped by the progressive/recovery rows (default 25%%)"
     )
+    parser.add_argument(
+        "--draft-quarter-only", action="store_true", help="recovery group: skip the 50%% depth draft"
+    )
     args = parser.parse_args()
 
     import torch
 
-    from llmctl.core.models.hf import load_model, load_tokenizer, resolve_model
+    from llmctl.core.models.hf import load_model, load_tokenizer, resolve_model, save_model
     from llmctl.core.prune.run import (
         DEFAULT_CALIB,
         PruneOptions,
@@ -116,7 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmctl-bench-") as tmp:
         tmp = Path(tmp)
         model_dir = bench_model(args.model, quick, tmp)
-        calib_path, held, domain_path, domain_held = texts(quick, tmp, eval_chars)
+        calib_path, held, domain_path, domain_held, domain_prompts = texts(quick, tmp, eval_chars)
         spec = (
             replace(DEFAULT_CALIB, path=calib_path)
             if not quick
@@ -129,9 +173,16 @@ def main() -> None:
         n_layers = len(decoder_layers(load_model(ref, device="cpu", dtype="float32")))
 
         rows = []
+        speculative = None
         groups = {args.only} if args.only else {"unstructured", "layers", "lowrank", "recovery"}
 
-        def run(label: str, opts: PruneOptions | None, speed: bool = False, domain: bool = False) -> dict:
+        def run(
+            label: str,
+            opts: PruneOptions | None,
+            speed: bool = False,
+            domain: bool = False,
+            save: Path | None = None,
+        ) -> dict:
             model = load_model(ref, device="cpu", dtype="float32")
             t0 = time.perf_counter()
             report = prune_loaded(model, tokenizer, opts) if opts else {}
@@ -154,6 +205,8 @@ def main() -> None:
                 )
             if speed:
                 row["tok_s"] = tokens_per_second(model, tokenizer, new_tokens)
+            if save is not None:  # for the speculative-decoding rows
+                save_model(model, tokenizer, save)
             rows.append(row)
             dom = f", in-domain ppl {row['domain_ppl']:.2f}" if domain else ""
             print(f"  {label}: ppl {row['ppl']:.2f}{dom} ({seconds:.1f}s)", file=sys.stderr, flush=True)
@@ -184,10 +237,14 @@ def main() -> None:
                 opts = PruneOptions(method="layers", score="block-influence", drop=quarter, calib=spec)
                 run(f"layers block-influence -{quarter}/{n_layers}", opts, speed=True, domain=True)
             steps = args.recover_steps or (3 if quick else 16)
-            run(f"progressive + {steps} LoRA steps -{quarter}/{n_layers}",
-                PruneOptions(method="progressive-layers", domain=domain_path, drop=quarter, calib=dspec,
-                             recover_steps=steps, recover_lr=2e-4 if not quick else 5e-3),
-                speed=True, domain=True)  # fmt: skip
+            drafts = {}
+            for k in sorted({quarter, half}) if not args.draft_quarter_only else (quarter,):
+                drafts[k] = tmp / f"draft-{k}"
+                run(f"progressive + {steps} LoRA steps -{k}/{n_layers}",
+                    PruneOptions(method="progressive-layers", domain=domain_path, drop=k, calib=dspec,
+                                 recover_steps=steps, recover_lr=2e-4 if not quick else 5e-3),
+                    speed=True, domain=True, save=drafts[k])  # fmt: skip
+            speculative = speculative_rows(model_dir, drafts, domain_prompts, new_tokens, n_layers)
         ratios = args.rank_ratio or ([0.25] if quick else [0.6, 0.4])
         for ratio in ratios if "lowrank" in groups else ():
             for weighted in (False, True):
@@ -209,6 +266,14 @@ def main() -> None:
         tps = f"{r['tok_s']:.1f}" if "tok_s" in r else "-"
         print(f"{r['label']:<40}{sp:>9}{r['layers']:>7}{r['params']:>13,}{r['size_mb']:>8.1f}{r['ppl']:>11.2f}"
               f"{r['ppl'] / dense['ppl']:>8.2f}x{dom:>11}{tps:>8}{r['seconds']:>9.1f}")  # fmt: skip
+    if speculative:
+        plain, spec_rows = speculative
+        print(f"speculative decoding (llmctl generate --draft), dense target, exact greedy, batch 1, "
+              f"{len(domain_prompts)} GSM8K prompts x {new_tokens} tokens: "
+              f"plain greedy {plain:.1f} tok/s")  # fmt: skip
+        print(f"{'draft':<48}{'tok/s':>8}{'vs plain':>10}{'accepted':>10}")
+        for label, tps, ratio, accepted in spec_rows:
+            print(f"{label:<48}{tps:>8.1f}{ratio:>9.2f}x{accepted:>10.0%}")
     by = {r["label"]: r for r in rows}
     if args.only == "lowrank":
         best = min((r for r in rows if r["label"].startswith("lowrank")), key=lambda r: r["ppl"])
