@@ -115,14 +115,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.hidden_size, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
         self.rope_kernel = None  # llmctl.kernels' Triton RoPE, when DecoderLM.use_kernels() set it
+        self.qkv: Fused | None = None  # q/k/v in one weight, when DecoderLM.fuse_projections() set it
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q_proj(x), k_proj(x), v_proj(x)``: one matrix product when the weights are fused."""
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv(x)
 
     def forward(self, x, cos, sin, cache_k, cache_v, slots, mask):
         # x: [B, T, hidden]; cos/sin: [B, T, head_dim]; cache_*: [B, kv_heads, max_len, head_dim]
         # slots: [T] cache positions written by this call; mask: [B, 1, T, kv_len] bool (True = attend)
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope_kernel is not None:  # rotates [B, T, heads, D] with per-token cos/sin [B, T, D]
             q, k = self.rope_kernel(q, k, cos, sin)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -140,10 +148,17 @@ class Attention(nn.Module):
             # GQA without copying the cache: the query heads that share a kv head become extra query rows.
             # q: [B, H, T, D] -> [B, kv_heads, groups * T, D]; mask rows repeat once per group.
             q = q.reshape(b, self.n_kv_heads, groups * t, self.head_dim)
-            mask = mask.expand(b, 1, t, kv_len).repeat(1, 1, groups, 1)
+            if mask.shape[-2] != groups * t:  # DecoderLM.forward repeats it once for every layer
+                mask = gqa_mask(mask, groups, b, t)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
         out = out.reshape(b, self.n_heads, t, self.head_dim)  # back to [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def gqa_mask(mask: torch.Tensor, groups: int, b: int, t: int) -> torch.Tensor:
+    """``[B, 1, T, kv_len]`` (or broadcastable to it) -> ``[B, 1, groups * T, kv_len]``: the mask rows of
+    the query heads that share a kv head, laid out as :class:`Attention` lays out their queries."""
+    return mask.expand(b, 1, t, mask.shape[-1]).repeat(1, 1, groups, 1)
 
 
 class MLP(nn.Module):
@@ -153,11 +168,39 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
         self.kernel = None  # llmctl.kernels' Triton SwiGLU, when DecoderLM.use_kernels() set it
+        self.gate_up: Fused | None = None  # gate/up in one weight, when DecoderLM.fuse_projections() set it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up is None else self.gate_up(x)
         if self.kernel is not None:
-            return self.down_proj(self.kernel(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.kernel(gate, up))
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Fused:
+    """Linears that read the same input, as one matrix product: their weights (and biases) are stacked in
+    one tensor, and each linear's parameters become views into it, so the state dict and every other
+    user of the modules see them unchanged and no memory is added."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.weight = torch.cat([m.weight.detach() for m in linears])
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+        self.sizes = [m.out_features for m in linears]
+        start = 0
+        for m, n in zip(linears, self.sizes, strict=True):
+            m.weight = nn.Parameter(self.weight[start : start + n], requires_grad=False)
+            if has_bias:
+                m.bias = nn.Parameter(self.bias[start : start + n], requires_grad=False)
+            start += n
+
+    @staticmethod
+    def possible(linears: list[nn.Module]) -> bool:
+        """Plain float linears (not quantized or factored ones), all with or all without a bias."""
+        return all(type(m) is nn.Linear for m in linears) and len({m.bias is None for m in linears}) == 1
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class DecoderLayer(nn.Module):
@@ -215,6 +258,34 @@ class DecoderLM(nn.Module):
         if self.args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def fuse_projections(self) -> int:
+        """Run q/k/v and gate/up as one matrix product each (:class:`Fused`): at batch 1 on a CPU, five
+        small GEMVs per layer become two larger ones. Returns how many groups were fused."""
+        count = 0
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if Fused.possible(qkv := [attn.q_proj, attn.k_proj, attn.v_proj]):
+                attn.qkv = Fused(qkv)
+                count += 1
+            if Fused.possible(gate_up := [mlp.gate_proj, mlp.up_proj]):
+                mlp.gate_up = Fused(gate_up)
+                count += 1
+        return count
+
+    def column_major_head(self) -> None:
+        """Store ``lm_head``'s weight (and a tied embedding, the same tensor) column-major: still
+        ``[vocab, hidden]``, but each column contiguous. ``F.linear`` then runs ``x @ Wᵀ`` as a plain
+        GEMM on the ``[hidden, vocab]`` layout, which on a CPU reads the 49152 x 576 head of SmolLM2 about
+        twice as fast at batch 1 as the row-major GEMV (measured: 10.9 -> 5.6 ms per token on one core).
+        The embedding lookup gathers the same rows through strides; no extra memory is used."""
+        weight = self.lm_head.weight
+        if not isinstance(self.lm_head, nn.Linear) or weight.dtype != torch.float32:
+            return  # a quantized or factored head keeps its own layout
+        moved = nn.Parameter(weight.detach().T.contiguous().T, requires_grad=False)
+        self.lm_head.weight = moved
+        if self.args.tie_embeddings:
+            self.model.embed_tokens.weight = moved
+
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [B, T] -> cos, sin: [B, T, head_dim], computed in float32 as transformers does
         freqs = positions[..., None].float() * self.inv_freq.float()
@@ -224,6 +295,9 @@ class DecoderLM(nn.Module):
     def forward(self, tokens, positions, slots, mask, cache: KVCache, last_only: bool = True):
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(positions, x.dtype)
+        groups = self.args.n_heads // self.args.n_kv_heads
+        if groups > 1:  # once per forward instead of once per layer
+            mask = gqa_mask(mask, groups, *tokens.shape)
         for layer, k, v in zip(self.model.layers, cache.k, cache.v, strict=True):
             x = layer(x, cos, sin, k, v, slots, mask)
         if last_only:
@@ -292,6 +366,9 @@ def load_decoder(ref, *, device: str = "auto", dtype: str = "auto") -> tuple[Dec
     model.to(device=dev, dtype=torch_dtype)
     model.inv_freq = inv_freq.to(dev)
     model.eval()
+    if torch.device(dev).type == "cpu":
+        model.column_major_head()
+        model.fuse_projections()
     on_cuda = torch.device(dev).type == "cuda"
     if on_cuda or os.environ.get("LLMCTL_KERNELS", "").strip().lower() == "triton":
         from llmctl.kernels.dispatch import kernel_backend  # imports Triton: only where it may be used

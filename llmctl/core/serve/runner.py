@@ -106,9 +106,10 @@ def forward_step(model: DecoderLM, cache: PagedKVCache, step: StepInput) -> torc
     for layer, k_cache, v_cache in zip(model.model.layers, cache.k, cache.v, strict=True):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(-1, a.n_heads, a.head_dim)  # [T, H, D]
-        k = attn.k_proj(h).view(-1, a.n_kv_heads, a.head_dim)  # [T, KV, D]
-        v = attn.v_proj(h).view(-1, a.n_kv_heads, a.head_dim)
+        q, k, v = attn.project_qkv(h)
+        q = q.view(-1, a.n_heads, a.head_dim)  # [T, H, D]
+        k = k.view(-1, a.n_kv_heads, a.head_dim)  # [T, KV, D]
+        v = v.view(-1, a.n_kv_heads, a.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_cache.view(-1, a.n_kv_heads, a.head_dim)[slot_t] = k

@@ -249,3 +249,28 @@ def test_a_stop_string_at_the_very_start_gives_an_empty_completion(sharp_model):
     assert stop
     cut = generate(engine, [Request(ids, SamplingParams(max_tokens=8, ignore_eos=True, stop=(stop,)))])[0]
     assert cut.text == "" and cut.finish_reason == "stop"
+
+
+def test_on_a_cpu_the_engine_fuses_qkv_and_gate_up_and_lays_the_head_column_major_keeping_every_weight(
+    sharp_model,
+):
+    """The CPU layout (fused projections, column-major head) is a view of the same weights: the state dict
+    is transformers', tensor for tensor, and greedy decoding still matches (the tests above)."""
+    engine = load_engine(str(sharp_model), device="cpu")
+    model = engine.model
+    assert all(
+        layer.self_attn.qkv is not None and layer.mlp.gate_up is not None for layer in model.model.layers
+    )
+    assert model.lm_head.weight.stride() == (1, model.args.vocab_size)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()  # a view, no copy
+    hf = AutoModelForCausalLM.from_pretrained(sharp_model, dtype=torch.float32).state_dict()
+    ours = model.state_dict()
+    for name, tensor in ours.items():
+        if name in hf:
+            assert torch.equal(tensor, hf[name]), name
+    x = torch.randn(2, 3, model.args.hidden_size)
+    q, k, v = attn.project_qkv(x)
+    assert torch.allclose(
+        torch.cat([q, k, v], -1), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+    )
