@@ -251,7 +251,7 @@ def test_a_stop_string_at_the_very_start_gives_an_empty_completion(sharp_model):
     assert cut.text == "" and cut.finish_reason == "stop"
 
 
-def test_on_a_cpu_the_engine_fuses_qkv_and_gate_up_and_lays_the_head_column_major_keeping_every_weight(
+def test_on_a_cpu_the_engine_fuses_qkv_and_gate_up_and_stores_weights_column_major_keeping_every_weight(
     sharp_model,
 ):
     """The CPU layout (fused projections, column-major head) is a view of the same weights: the state dict
@@ -262,6 +262,10 @@ def test_on_a_cpu_the_engine_fuses_qkv_and_gate_up_and_lays_the_head_column_majo
         layer.self_attn.qkv is not None and layer.mlp.gate_up is not None for layer in model.model.layers
     )
     assert model.lm_head.weight.stride() == (1, model.args.vocab_size)
+    for layer in model.model.layers:  # every float linear weight is stored column-major
+        for weight in (layer.self_attn.qkv.weight, layer.mlp.gate_up.weight, layer.self_attn.o_proj.weight,
+                       layer.mlp.down_proj.weight):  # fmt: skip
+            assert weight.stride(0) == 1
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()  # a view, no copy
     hf = AutoModelForCausalLM.from_pretrained(sharp_model, dtype=torch.float32).state_dict()
