@@ -124,6 +124,7 @@ def _run(engine: Engine, rows: list[Request], on_token) -> Iterator[Completion]:
         valid[i, pad[i] : prompt_len] = True
     positions = (valid[:, :prompt_len].long().cumsum(-1) - 1).clamp(min=0)
     tokens, valid, positions = tokens.to(device), valid.to(device), positions.to(device)
+    model.column_major(b == 1)  # the faster weight layout for this batch size on a CPU (a no-op elsewhere)
     cache = KVCache(model.args, b, total, device, engine.dtype)
     causal = torch.ones((prompt_len, prompt_len), dtype=torch.bool, device=device).tril()
     mask = (causal[None] & valid[:, None, :prompt_len])[:, None]  # [B, 1, T, T]

@@ -182,17 +182,24 @@ class Fused:
     one tensor, and each linear's parameters become views into it, so the state dict and every other
     user of the modules see them unchanged and no memory is added."""
 
-    def __init__(self, linears: list[nn.Linear], column_major: bool = False) -> None:
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.linears = linears
         self.weight = torch.cat([m.weight.detach() for m in linears])
-        if column_major:  # see DecoderLM.cpu_layout
-            self.weight = self.weight.T.contiguous().T
         has_bias = linears[0].bias is not None
         self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
         self.sizes = [m.out_features for m in linears]
+        self._share()
+
+    def relayout(self, convert) -> None:
+        """Store the stacked weight as ``convert(weight)`` (same values, other strides)."""
+        self.weight = convert(self.weight)
+        self._share()
+
+    def _share(self) -> None:
         start = 0
-        for m, n in zip(linears, self.sizes, strict=True):
+        for m, n in zip(self.linears, self.sizes, strict=True):
             m.weight = nn.Parameter(self.weight[start : start + n], requires_grad=False)
-            if has_bias:
+            if self.bias is not None:
                 m.bias = nn.Parameter(self.bias[start : start + n], requires_grad=False)
             start += n
 
@@ -261,36 +268,50 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def cpu_layout(self) -> int:
-        """The weight layout that decodes fastest on a CPU, with the same weights (a view of them: the state
-        dict is unchanged and no memory is added):
-
-        * q/k/v and gate/up run as one matrix product each (:class:`Fused`): five small GEMVs per layer
-          become two larger ones;
-        * every float32 linear weight (the fused ones, ``o_proj``, ``down_proj``, ``lm_head`` and the tied
-          embedding with it) is stored column-major: still ``[out, in]``, but each column contiguous, so
-          ``F.linear`` runs ``x @ Wᵀ`` as a plain GEMM on the ``[in, out]`` layout. At batch 1 MKL reads
-          that layout faster than it runs the row-major GEMV, and keeps doing so with two threads (all of
-          SmolLM2's linears once: 52.6 -> 41.1 ms on this project's 2-core machine; its 49152 x 576 head
-          alone 10.9 -> 5.6 ms on one core). Embedding lookups gather the same rows through strides.
-
-        Quantized and factored linears keep their own layout. Returns how many linears were fused."""
-        fused: set[int] = set()
+        """Run q/k/v and gate/up as one matrix product each (:class:`Fused`; the linears' weights become
+        views of the stacked tensor, so the state dict is unchanged and no memory is added): five small
+        GEMVs per layer become two larger ones. Returns how many linears were fused. The layout of the
+        weights is then chosen per batch size with :meth:`column_major`."""
+        self._fused: list[Fused] = []
+        self._plain: list[nn.Linear] = []
+        members: set[int] = set()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for group, owner, name in (([attn.q_proj, attn.k_proj, attn.v_proj], attn, "qkv"),
                                        ([mlp.gate_proj, mlp.up_proj], mlp, "gate_up")):  # fmt: skip
                 if Fused.possible(group) and group[0].weight.dtype == torch.float32:
-                    setattr(owner, name, Fused(group, column_major=True))
-                    fused.update(id(m) for m in group)
+                    setattr(owner, name, Fused(group))
+                    self._fused.append(getattr(owner, name))
+                    members.update(id(m) for m in group)
         for module in [*self.model.layers.modules(), self.lm_head]:
-            if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or id(module) in fused:
-                continue  # not a plain float linear, or already a view of a fused weight
-            weight = module.weight
-            moved = nn.Parameter(weight.detach().T.contiguous().T, requires_grad=False)
+            if (
+                type(module) is nn.Linear
+                and module.weight.dtype == torch.float32
+                and id(module) not in members
+            ):
+                self._plain.append(module)
+        self._column_major = False
+        return len(members)
+
+    def column_major(self, on: bool) -> None:
+        """Store every float32 linear weight (the fused ones, ``o_proj``, ``down_proj``, ``lm_head`` and the
+        tied embedding with it) column-major (``on``) or row-major. Column-major is still ``[out, in]`` but
+        with each column contiguous, so ``F.linear`` runs ``x @ Wᵀ`` as a plain GEMM on the ``[in, out]``
+        layout. On a CPU, MKL's batch-1 product is faster on that layout and keeps its speed with two
+        threads (all of SmolLM2's linears once: 46-50 -> 34-39 ms on this project's 2-core machine), while
+        at 4-16 rows the row-major layout is 10-30% faster; the engine picks per batch
+        (:func:`llmctl.core.generate.engine._run`). Switching copies each weight once."""
+        if not hasattr(self, "_fused") or self._column_major == on:
+            return
+        convert = (lambda w: w.T.contiguous().T) if on else (lambda w: w.contiguous())  # noqa: E731
+        for fused in self._fused:
+            fused.relayout(convert)
+        for module in self._plain:
+            moved = nn.Parameter(convert(module.weight.detach()), requires_grad=False)
             module.weight = moved
             if module is self.lm_head and self.args.tie_embeddings:
                 self.model.embed_tokens.weight = moved
-        return len(fused)
+        self._column_major = on
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [B, T] -> cos, sin: [B, T, head_dim], computed in float32 as transformers does

@@ -251,30 +251,34 @@ def test_a_stop_string_at_the_very_start_gives_an_empty_completion(sharp_model):
     assert cut.text == "" and cut.finish_reason == "stop"
 
 
-def test_on_a_cpu_the_engine_fuses_qkv_and_gate_up_and_stores_weights_column_major_keeping_every_weight(
+def test_on_a_cpu_the_engine_fuses_qkv_and_gate_up_and_switches_weight_layout_keeping_every_weight(
     sharp_model,
 ):
-    """The CPU layout (fused projections, column-major head) is a view of the same weights: the state dict
-    is transformers', tensor for tensor, and greedy decoding still matches (the tests above)."""
+    """The CPU layouts (fused projections; column-major weights for batch 1, row-major otherwise) are views
+    of the same weights: the state dict is transformers', tensor for tensor, and greedy decoding still
+    matches (the tests above run batch 1 and mixed batches)."""
     engine = load_engine(str(sharp_model), device="cpu")
     model = engine.model
     assert all(
         layer.self_attn.qkv is not None and layer.mlp.gate_up is not None for layer in model.model.layers
     )
-    assert model.lm_head.weight.stride() == (1, model.args.vocab_size)
-    for layer in model.model.layers:  # every float linear weight is stored column-major
-        for weight in (layer.self_attn.qkv.weight, layer.mlp.gate_up.weight, layer.self_attn.o_proj.weight,
-                       layer.mlp.down_proj.weight):  # fmt: skip
-            assert weight.stride(0) == 1
     attn = model.model.layers[0].self_attn
-    assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()  # a view, no copy
     hf = AutoModelForCausalLM.from_pretrained(sharp_model, dtype=torch.float32).state_dict()
-    ours = model.state_dict()
-    for name, tensor in ours.items():
-        if name in hf:
-            assert torch.equal(tensor, hf[name]), name
     x = torch.randn(2, 3, model.args.hidden_size)
-    q, k, v = attn.project_qkv(x)
-    assert torch.allclose(
-        torch.cat([q, k, v], -1), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
-    )
+    for column_major in (True, False, True):
+        model.column_major(column_major)
+        assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()  # a view, no copy
+        for layer in model.model.layers:
+            attn_l, mlp = layer.self_attn, layer.mlp
+            for weight in (attn_l.qkv.weight, mlp.gate_up.weight, attn_l.o_proj.weight, mlp.down_proj.weight,
+                           model.lm_head.weight):  # fmt: skip
+                assert (weight.stride(0) == 1) == column_major
+        assert model.model.embed_tokens.weight is model.lm_head.weight  # still tied
+        for name, tensor in model.state_dict().items():
+            if name in hf:
+                assert torch.equal(tensor, hf[name]), name
+        q, k, v = attn.project_qkv(x)
+        separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        assert torch.allclose(torch.cat([q, k, v], -1), separate, atol=1e-6)
+    generate(engine, [Request([1, 2, 3], SamplingParams(max_tokens=2))] * 2)
+    assert model.lm_head.weight.is_contiguous()  # a batch of 2 decodes on row-major weights
