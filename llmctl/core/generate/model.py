@@ -125,7 +125,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache_k, cache_v, slots, mask):
         # x: [B, T, hidden]; cos/sin: [B, T, head_dim]; cache_*: [B, kv_heads, max_len, head_dim]
-        # slots: [T] cache positions written by this call; mask: [B, 1, T, kv_len] bool (True = attend)
+        # slots: [T] cache positions written by this call; mask: [B, 1, T, kv_len] bool (True = attend),
+        # under GQA already [B, 1, groups * T, kv_len] (gqa_mask, once per forward in DecoderLM.forward)
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
@@ -146,10 +147,8 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         if groups > 1:
             # GQA without copying the cache: the query heads that share a kv head become extra query rows.
-            # q: [B, H, T, D] -> [B, kv_heads, groups * T, D]; mask rows repeat once per group.
+            # q: [B, H, T, D] -> [B, kv_heads, groups * T, D], the rows gqa_mask repeated the mask for.
             q = q.reshape(b, self.n_kv_heads, groups * t, self.head_dim)
-            if mask.shape[-2] != groups * t:  # DecoderLM.forward repeats it once for every layer
-                mask = gqa_mask(mask, groups, b, t)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
         out = out.reshape(b, self.n_heads, t, self.head_dim)  # back to [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -241,6 +240,9 @@ class DecoderLM(nn.Module):
         self.args = args
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self._fused: list[Fused] = []  # cpu_layout's fused groups and other float linears, for column_major
+        self._plain: list[nn.Linear] = []
+        self._column_major = False
         inv_freq, scaling = _rope_parameters(hf_config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = scaling
@@ -272,8 +274,6 @@ class DecoderLM(nn.Module):
         views of the stacked tensor, so the state dict is unchanged and no memory is added): five small
         GEMVs per layer become two larger ones. Returns how many linears were fused. The layout of the
         weights is then chosen per batch size with :meth:`column_major`."""
-        self._fused: list[Fused] = []
-        self._plain: list[nn.Linear] = []
         members: set[int] = set()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -290,7 +290,6 @@ class DecoderLM(nn.Module):
                 and id(module) not in members
             ):
                 self._plain.append(module)
-        self._column_major = False
         return len(members)
 
     def column_major(self, on: bool) -> None:
@@ -301,8 +300,8 @@ class DecoderLM(nn.Module):
         threads (all of SmolLM2's linears once: 46-50 -> 34-39 ms on this project's 2-core machine), while
         at 4-16 rows the row-major layout is 10-30% faster; the engine picks per batch
         (:func:`llmctl.core.generate.engine._run`). Switching copies each weight once."""
-        if not hasattr(self, "_fused") or self._column_major == on:
-            return
+        if self._column_major == on:
+            return  # (without cpu_layout there is nothing to move: the lists are empty)
         convert = (lambda w: w.T.contiguous().T) if on else (lambda w: w.contiguous())  # noqa: E731
         for fused in self._fused:
             fused.relayout(convert)
