@@ -15,6 +15,7 @@ step; padding slots are masked out, and each row's RoPE positions count its real
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.core.errors import ModelError
+from llmctl.core.generate import cpu_kernels
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -91,10 +93,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.kernel = None  # llmctl.kernels' Triton RMSNorm, when DecoderLM.use_kernels() set it
+        self.cpu_kernel = False  # cpu_kernels.rms_norm, when DecoderLM.cpu_layout() found the kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             return self.kernel(x, self.weight, self.eps)
+        if self.cpu_kernel:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -104,6 +109,14 @@ class RMSNorm(nn.Module):
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """``rotate_half`` without the sign: ``rotate_half(x) * sin == swap_halves(x) * signed(sin)`` exactly
+    (negating a factor only flips the product's sign bit), where ``signed(sin)`` negates sin's first half.
+    One op fewer per call, and the sign is applied once per forward instead of once per layer."""
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
 
 
 class Attention(nn.Module):
@@ -116,6 +129,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
         self.rope_kernel = None  # llmctl.kernels' Triton RoPE, when DecoderLM.use_kernels() set it
         self.qkv: Fused | None = None  # q/k/v in one weight, when DecoderLM.cpu_layout() set it
+        self.decode_kernel = False  # cpu_kernels.decode_attention for T == 1 (set by cpu_layout)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q_proj(x), k_proj(x), v_proj(x)``: one matrix product when the weights are fused."""
@@ -123,23 +137,35 @@ class Attention(nn.Module):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return self.qkv(x)
 
+    def project_qk_v(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[q_proj(x), k_proj(x)]`` side by side (``[B, T, (heads + kv_heads) * head_dim]``, rotated
+        together) and ``v_proj(x)``: views of one product when the weights are fused."""
+        if self.qkv is None:
+            return torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
+        qkv = self.qkv.linear(x, self.qkv.weight, self.qkv.bias)
+        split = (self.n_heads + self.n_kv_heads) * self.head_dim
+        return qkv[..., :split], qkv[..., split:]
+
     def forward(self, x, cos, sin, cache_k, cache_v, slots, mask):
-        # x: [B, T, hidden]; cos/sin: [B, T, head_dim]; cache_*: [B, kv_heads, max_len, head_dim]
+        # x: [B, T, hidden]; cache_*: [B, kv_heads, max_len, head_dim]; cos/sin: [B, T, head_dim] for the
+        # RoPE kernel, else [B, T, 1, head_dim] with sin's first half negated (DecoderLM.forward).
         # slots: [T] cache positions written by this call; mask: [B, 1, T, kv_len] bool (True = attend),
         # under GQA already [B, 1, groups * T, kv_len] (gqa_mask, once per forward in DecoderLM.forward)
         b, t, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(b, t, self.n_heads, self.head_dim)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        if t == 1 and self.decode_kernel:  # RoPE, cache write and attention in one call
+            qkv = self.qkv.linear(x, self.qkv.weight, self.qkv.bias)
+            out = cpu_kernels.decode_attention(qkv, self.n_heads, self.n_kv_heads, cos, sin, cache_k, cache_v,
+                                               slots, mask, self.head_dim**-0.5)  # fmt: skip
+            return self.o_proj(out)
+        qk, v = self.project_qk_v(x)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qk = qk.view(b, t, self.n_heads + self.n_kv_heads, self.head_dim)
         if self.rope_kernel is not None:  # rotates [B, T, heads, D] with per-token cos/sin [B, T, D]
-            q, k = self.rope_kernel(q, k, cos, sin)
+            q, k = self.rope_kernel(qk[:, :, : self.n_heads], qk[:, :, self.n_heads :], cos, sin)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-        else:
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        else:  # queries and keys in one go: transformers' x * cos + rotate_half(x) * sin, bit for bit
+            qk = qk * cos + swap_halves(qk) * sin
+            q, k = qk[:, :, : self.n_heads].transpose(1, 2), qk[:, :, self.n_heads :].transpose(1, 2)
         cache_k[:, :, slots] = k
         cache_v[:, :, slots] = v
         kv_len = mask.shape[-1]
@@ -152,6 +178,10 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5)
         out = out.reshape(b, self.n_heads, t, self.head_dim)  # back to [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _kernel_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return cpu_kernels.linear(x, linear.weight, linear.bias)
 
 
 def gqa_mask(mask: torch.Tensor, groups: int, b: int, t: int) -> torch.Tensor:
@@ -181,8 +211,9 @@ class Fused:
     one tensor, and each linear's parameters become views into it, so the state dict and every other
     user of the modules see them unchanged and no memory is added."""
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
+    def __init__(self, linears: list[nn.Linear], linear=F.linear) -> None:
         self.linears = linears
+        self.linear = linear  # F.linear, or cpu_kernels.linear
         self.weight = torch.cat([m.weight.detach() for m in linears])
         has_bias = linears[0].bias is not None
         self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
@@ -208,7 +239,7 @@ class Fused:
         return all(type(m) is nn.Linear for m in linears) and len({m.bias is None for m in linears}) == 1
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class DecoderLayer(nn.Module):
@@ -243,6 +274,8 @@ class DecoderLM(nn.Module):
         self._fused: list[Fused] = []  # cpu_layout's fused groups and other float linears, for column_major
         self._plain: list[nn.Linear] = []
         self._column_major = False
+        self._kernel = False  # cpu_layout found llmctl's CPU kernels (cpu_kernels)
+        self._rope_kernel = False  # use_kernels set the Triton RoPE
         inv_freq, scaling = _rope_parameters(hf_config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = scaling
@@ -262,6 +295,8 @@ class DecoderLM(nn.Module):
                 count += 1
             elif isinstance(module, Attention):
                 module.rope_kernel = rope_triton
+                module.decode_kernel = False  # the Triton RoPE takes the place of the CPU decode kernel
+                self._rope_kernel = True
                 count += 1
         return count
 
@@ -270,19 +305,29 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def cpu_layout(self) -> int:
-        """Run q/k/v and gate/up as one matrix product each (:class:`Fused`; the linears' weights become
-        views of the stacked tensor, so the state dict is unchanged and no memory is added): five small
-        GEMVs per layer become two larger ones. Returns how many linears were fused. The layout of the
-        weights is then chosen per batch size with :meth:`column_major`."""
+        """Prepare the float32 linears for decoding on a CPU; returns how many linears were fused.
+
+        q/k/v and gate/up run as one matrix product each (:class:`Fused`; the linears' weights become views
+        of the stacked tensor, so the state dict is unchanged and no memory is added): five small products
+        per layer become two larger ones. Every float32 linear (fused, ``o_proj``, ``down_proj``,
+        ``lm_head``) then goes through :func:`~llmctl.core.generate.cpu_kernels.linear` when llmctl's CPU
+        kernels are available: up to 16 rows (decoding) it streams the weights once at close to memory
+        bandwidth; larger inputs go to ``F.linear``. With the kernels, float32 RMSNorms use
+        :func:`~llmctl.core.generate.cpu_kernels.rms_norm`, and a decode step's attention (one new token
+        per row, fused q/k/v) :func:`~llmctl.core.generate.cpu_kernels.decode_attention`. Without them,
+        the weights' layout is chosen per batch size with :meth:`column_major`."""
+        self._kernel = cpu_kernels.available()
+        linear = cpu_kernels.linear if self._kernel else F.linear
         members: set[int] = set()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for group, owner, name in (([attn.q_proj, attn.k_proj, attn.v_proj], attn, "qkv"),
                                        ([mlp.gate_proj, mlp.up_proj], mlp, "gate_up")):  # fmt: skip
                 if Fused.possible(group) and group[0].weight.dtype == torch.float32:
-                    setattr(owner, name, Fused(group))
+                    setattr(owner, name, Fused(group, linear))
                     self._fused.append(getattr(owner, name))
                     members.update(id(m) for m in group)
+            attn.decode_kernel = self._kernel and attn.qkv is not None and attn.rope_kernel is None
         for module in [*self.model.layers.modules(), self.lm_head]:
             if (
                 type(module) is nn.Linear
@@ -290,16 +335,23 @@ class DecoderLM(nn.Module):
                 and id(module) not in members
             ):
                 self._plain.append(module)
+                if self._kernel:  # an instance attribute: the module's type and state dict stay nn.Linear's
+                    module.forward = functools.partial(_kernel_forward, module)
+        for module in self.modules():
+            if isinstance(module, RMSNorm) and self._kernel and module.weight.dtype == torch.float32:
+                module.cpu_kernel = module.kernel is None
         return len(members)
 
     def column_major(self, on: bool) -> None:
-        """Store every float32 linear weight (the fused ones, ``o_proj``, ``down_proj``, ``lm_head`` and the
-        tied embedding with it) column-major (``on``) or row-major. Column-major is still ``[out, in]`` but
-        with each column contiguous, so ``F.linear`` runs ``x @ Wᵀ`` as a plain GEMM on the ``[in, out]``
-        layout. On a CPU, MKL's batch-1 product is faster on that layout and keeps its speed with two
-        threads (all of SmolLM2's linears once: 46-50 -> 34-39 ms on this project's 2-core machine), while
-        at 4-16 rows the row-major layout is 10-30% faster; the engine picks per batch
-        (:func:`llmctl.core.generate.engine._run`). Switching copies each weight once."""
+        """Without the CPU kernel (see :meth:`cpu_layout`), store every float32 linear weight (the fused
+        ones, ``o_proj``, ``down_proj``, ``lm_head`` and the tied embedding with it) column-major (``on``)
+        or row-major. Column-major is still ``[out, in]`` but with each column contiguous, so ``F.linear``
+        runs ``x @ Wᵀ`` as a plain GEMM on the ``[in, out]`` layout. On a CPU, MKL's batch-1 product is
+        faster on that layout (all of SmolLM2's linears once: 46-50 -> 34-39 ms on this project's 2-core
+        machine), while at 4-16 rows the row-major layout is 10-30% faster; the engine picks per batch
+        (:func:`llmctl.core.generate.engine._run`). Switching copies each weight once. With the kernel
+        (which reads row-major weights) this does nothing."""
+        on = on and not self._kernel
         if self._column_major == on:
             return  # (without cpu_layout there is nothing to move: the lists are empty)
         convert = (lambda w: w.T.contiguous().T) if on else (lambda w: w.contiguous())  # noqa: E731
@@ -321,6 +373,9 @@ class DecoderLM(nn.Module):
     def forward(self, tokens, positions, slots, mask, cache: KVCache, last_only: bool = True):
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(positions, x.dtype)
+        if not self._rope_kernel:  # Attention's torch RoPE: [B, T, 1, D], sin's first half negated
+            half = sin.shape[-1] // 2
+            cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
         groups = self.args.n_heads // self.args.n_kv_heads
         if groups > 1:  # once per forward instead of once per layer
             mask = gqa_mask(mask, groups, *tokens.shape)

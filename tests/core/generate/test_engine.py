@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmctl.core.generate import cpu_kernels
 from llmctl.core.generate.engine import Request, generate
 from llmctl.core.generate.run import load_engine
 from llmctl.core.generate.sampling import SamplingParams, process_logits, sample, warp
@@ -43,7 +44,10 @@ def _check_greedy(path, prompts, max_new, singles=True):
         assert [c.token_ids for c in alone] == [c.token_ids for c in ours]
 
 
-def test_greedy_tokens_equal_transformers_for_a_mixed_length_batch(sharp_model):
+@pytest.mark.parametrize("cpu_kernels", ["on", "off"])
+def test_greedy_tokens_equal_transformers_for_a_mixed_length_batch(sharp_model, cpu_kernels, monkeypatch):
+    """With llmctl's CPU decode kernels (the default where they build) and with torch alone."""
+    monkeypatch.setenv("LLMCTL_CPU_KERNELS", "1" if cpu_kernels == "on" else "0")
     _check_greedy(sharp_model, PROMPTS, 24)
 
 
@@ -252,17 +256,19 @@ def test_a_stop_string_at_the_very_start_gives_an_empty_completion(sharp_model):
 
 
 def test_on_a_cpu_the_engine_fuses_qkv_and_gate_up_and_switches_weight_layout_keeping_every_weight(
-    sharp_model,
+    sharp_model, monkeypatch
 ):
-    """The CPU layouts (fused projections; column-major weights for batch 1, row-major otherwise) are views
-    of the same weights: the state dict is transformers', tensor for tensor, and greedy decoding still
-    matches (the tests above run batch 1 and mixed batches)."""
+    """Without llmctl's CPU kernels, the CPU layouts (fused projections; column-major weights for batch 1,
+    row-major otherwise) are views of the same weights: the state dict is transformers', tensor for
+    tensor, and greedy decoding still matches (the greedy tests run batch 1 and mixed batches)."""
+    monkeypatch.setenv("LLMCTL_CPU_KERNELS", "0")
     engine = load_engine(str(sharp_model), device="cpu")
     model = engine.model
     assert all(
         layer.self_attn.qkv is not None and layer.mlp.gate_up is not None for layer in model.model.layers
     )
     attn = model.model.layers[0].self_attn
+    assert not attn.decode_kernel and "forward" not in vars(attn.o_proj)
     hf = AutoModelForCausalLM.from_pretrained(sharp_model, dtype=torch.float32).state_dict()
     x = torch.randn(2, 3, model.args.hidden_size)
     for column_major in (True, False, True):
@@ -273,12 +279,37 @@ def test_on_a_cpu_the_engine_fuses_qkv_and_gate_up_and_switches_weight_layout_ke
             for weight in (attn_l.qkv.weight, mlp.gate_up.weight, attn_l.o_proj.weight, mlp.down_proj.weight,
                            model.lm_head.weight):  # fmt: skip
                 assert (weight.stride(0) == 1) == column_major
-        assert model.model.embed_tokens.weight is model.lm_head.weight  # still tied
-        for name, tensor in model.state_dict().items():
-            if name in hf:
-                assert torch.equal(tensor, hf[name]), name
-        q, k, v = attn.project_qkv(x)
-        separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
-        assert torch.allclose(torch.cat([q, k, v], -1), separate, atol=1e-6)
+        _check_same_weights_and_projections(model, hf, x)
     generate(engine, [Request([1, 2, 3], SamplingParams(max_tokens=2))] * 2)
     assert model.lm_head.weight.is_contiguous()  # a batch of 2 decodes on row-major weights
+
+
+def _check_same_weights_and_projections(model, hf_state, x):
+    assert model.model.embed_tokens.weight is model.lm_head.weight  # still tied
+    for name, tensor in model.state_dict().items():
+        if name in hf_state:
+            assert torch.equal(tensor, hf_state[name]), name
+    attn = model.model.layers[0].self_attn
+    with torch.inference_mode():
+        q, k, v = attn.project_qkv(x)
+        separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+    assert torch.allclose(torch.cat([q, k, v], -1), separate, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 CPU or C compiler here")
+def test_with_cpu_kernels_every_linear_norm_and_decode_attention_goes_through_them_on_row_major_weights(
+    sharp_model,
+):
+    engine = load_engine(str(sharp_model), device="cpu")
+    model = engine.model
+    hf = AutoModelForCausalLM.from_pretrained(sharp_model, dtype=torch.float32).state_dict()
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.decode_kernel and attn.qkv.linear is cpu_kernels.linear
+        assert mlp.gate_up.linear is cpu_kernels.linear
+        assert "forward" in vars(attn.o_proj) and "forward" in vars(mlp.down_proj)  # routed to the kernel
+        assert layer.input_layernorm.cpu_kernel and layer.post_attention_layernorm.cpu_kernel
+    assert "forward" in vars(model.lm_head) and model.model.norm.cpu_kernel
+    model.column_major(True)  # the kernel reads row-major weights: the layout does not switch
+    assert model.lm_head.weight.is_contiguous() and model.model.layers[0].self_attn.qkv.weight.is_contiguous()
+    _check_same_weights_and_projections(model, hf, torch.randn(1, 1, model.args.hidden_size))
