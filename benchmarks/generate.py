@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--draft-layers", type=int, default=0, help="layers kept in the draft (0: a quarter)")
     parser.add_argument("--draft", help="a draft model directory (e.g. from llmctl prune) instead")
+    parser.add_argument("--num-draft-tokens", type=int, default=4, help="speculative: tokens per draft round")
     parser.add_argument(
         "--workload",
         choices=("story", "copy"),
@@ -139,9 +140,10 @@ def _accelerators(engine, model_dir, ids, params, new, repeats, plain_tps, args,
         keep = args.draft_layers or max(1, engine.model.args.n_layers // 4)
         draft = load_engine(str(_layer_dropped(model_dir, keep, tmp)), device="cpu", dtype="float32")
         label = f"first {keep} layers"
+    k = args.num_draft_tokens
     ways = {
-        f"speculative, draft = {label}, k=4": lambda s: generate_speculative(
-            engine, draft, Request(ids, params), num_draft=4, stats=s
+        f"speculative, draft = {label}, k={k}": lambda s: generate_speculative(
+            engine, draft, Request(ids, params), num_draft=k, stats=s
         ),
         "prompt lookup, k=8": lambda s: generate_lookup(engine, Request(ids, params), num_draft=8, stats=s),
         "lookahead, window 5": lambda s: generate_lookahead(engine, Request(ids, params), window=5, stats=s),

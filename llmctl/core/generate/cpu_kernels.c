@@ -86,7 +86,8 @@ void llmctl_linear_f32(const float *x, int64_t ldx, int64_t m, const float *w, i
                        const float *bias, float *y) {
     /* Blocks of 16 rows of w (64 B of every row's start share no cache line with another thread's). */
     const int64_t nblocks = (n + 15) / 16;
-#pragma omp parallel for schedule(static)
+    /* Small products (under 128 KiB of weights) stay on one thread: waking the team costs more. */
+#pragma omp parallel for schedule(static) if (n * k >= (1 << 15))
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t n0 = b * 16, n1 = n0 + 16 < n ? n0 + 16 : n;
         block(x, ldx, m, w, k, bias, y, n, n0, n1);

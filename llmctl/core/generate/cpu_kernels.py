@@ -115,19 +115,17 @@ def available() -> bool:
     return _enabled() and _load() is not None
 
 
-def _lib_or_none() -> ctypes.CDLL | None:
-    return _lib if _tried else _load()
-
-
 def can_run_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear` takes these inputs itself (else it hands them to ``F.linear``)."""
+    k = x.shape[-1]
     return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        x.dtype is torch.float32
+        and weight.dtype is torch.float32
+        and x.is_cpu
         and weight.is_contiguous()
-        and x.shape[-1] == weight.shape[1]
-        and 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+        and weight.shape[1] == k
+        and 0 < x.numel() <= MAX_ROWS * k
+        and (bias is None or (bias.dtype is torch.float32 and bias.is_contiguous()))
         and not (torch.is_grad_enabled() and _needs_grad(x, weight, bias))
     )
 
@@ -136,21 +134,29 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, by the C kernel for up to 16 rows of float32 on a CPU that has it."""
-    lib = _lib_or_none()
-    if lib is None or not can_run_linear(x, weight, bias):
-        return F.linear(x, weight, bias)
-    n, k = weight.shape
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``x`` as rows of its last dimension: (a tensor holding them, row stride, row count), without a copy
+    when the layout allows. The caller keeps the returned tensor alive while the kernel reads it."""
+    k = x.shape[-1]
+    if x.is_contiguous():
+        return x, k, x.numel() // k
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    y = torch.empty((rows.shape[0], n), dtype=torch.float32)
-    lib.llmctl_linear_f32(
-        rows.data_ptr(), rows.stride(0), rows.shape[0], weight.data_ptr(), n, k,
-        None if bias is None else bias.data_ptr(), y.data_ptr(),
-    )  # fmt: skip
-    return y.view(*x.shape[:-1], n)
+    return rows, rows.stride(0), rows.shape[0]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, by the C kernel for up to 16 rows of float32 on a CPU that has it."""
+    lib = _lib if _tried else _load()
+    if lib is None or not can_run_linear(x, weight, bias):
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    rows, ld, m = _rows(x)
+    y = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    b = None if bias is None else bias.data_ptr()
+    lib.llmctl_linear_f32(rows.data_ptr(), ld, m, weight.data_ptr(), n, k, b, y.data_ptr())
+    return y
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -163,23 +169,23 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """:func:`rms_norm_reference`, by the C kernel for float32 on a CPU that has it."""
-    lib = _lib_or_none()
+    lib = _lib if _tried else _load()
     if (
         lib is None
-        or x.device.type != "cpu"
-        or not x.dtype == weight.dtype == torch.float32
+        or x.dtype is not torch.float32
+        or weight.dtype is not torch.float32
+        or not x.is_cpu
         or not weight.is_contiguous()
-        or x.stride(-1) != 1
-        or torch.is_grad_enabled()
-        and _needs_grad(x, weight)
+        or x.numel() == 0
+        or (torch.is_grad_enabled() and _needs_grad(x, weight))
     ):
         return rms_norm_reference(x, weight, eps)
-    dim = x.shape[-1]
-    rows = x.reshape(-1, dim)
-    y = torch.empty(rows.shape, dtype=torch.float32)
-    lib.llmctl_rms_norm_f32(rows.data_ptr(), rows.stride(0), rows.shape[0], dim, weight.data_ptr(), eps,
-                            y.data_ptr(), dim)  # fmt: skip
-    return y.view(x.shape)
+    rows, ld, m = _rows(x)
+    y = torch.empty(x.shape, dtype=torch.float32)
+    lib.llmctl_rms_norm_f32(
+        rows.data_ptr(), ld, m, x.shape[-1], weight.data_ptr(), eps, y.data_ptr(), x.shape[-1]
+    )
+    return y
 
 
 def decode_attention_reference(qkv, n_heads, n_kv_heads, cos, nsin, cache_k, cache_v, slots, mask, scale):
@@ -209,11 +215,11 @@ def decode_attention_reference(qkv, n_heads, n_kv_heads, cos, nsin, cache_k, cac
 
 def decode_attention(qkv, n_heads, n_kv_heads, cos, nsin, cache_k, cache_v, slots, mask, scale):
     """:func:`decode_attention_reference`, by the C kernel for float32 on a CPU that has it."""
-    lib = _lib_or_none()
+    lib = _lib if _tried else _load()
     b, d = qkv.shape[0], cache_k.shape[-1]
     if (
         lib is None
-        or qkv.device.type != "cpu"
+        or not qkv.is_cpu
         or not qkv.dtype == cos.dtype == nsin.dtype == cache_k.dtype == cache_v.dtype == torch.float32
         or not (qkv.is_contiguous() and cos.is_contiguous() and nsin.is_contiguous())
         or not (cache_k.is_contiguous() and cache_v.is_contiguous())

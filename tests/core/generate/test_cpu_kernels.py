@@ -134,3 +134,15 @@ def test_build_compiles_once_per_source(monkeypatch, tmp_path):
 def test_the_environment_switches_the_kernels_off(monkeypatch):
     monkeypatch.setenv("LLMCTL_CPU_KERNELS", "0")
     assert not cpu_kernels.available()
+
+
+@needs_kernels
+def test_inputs_whose_rows_are_not_contiguous_are_copied_and_kept_alive_for_the_kernel():
+    x = torch.randn(2, 3, 8).transpose(1, 2)[..., :2]  # [2, 8, 2]: 16 rows, last dimension strided
+    assert cpu_kernels.can_run_linear(x, torch.randn(6, 2)) and not x.is_contiguous()
+    w = torch.randn(6, 2)
+    with torch.inference_mode():
+        got = cpu_kernels.linear(x, w)
+        norm = cpu_kernels.rms_norm(x, torch.ones(2), 1e-5)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm, cpu_kernels.rms_norm_reference(x, torch.ones(2), 1e-5))
