@@ -104,7 +104,7 @@ def _load() -> ctypes.CDLL | None:
                         fn.restype = None
                         fn.argtypes = [_CTYPES[a] for a in args.split()]
                     _lib = lib
-                except OSError as err:  # no compiler, or it failed: F.linear it is
+                except OSError as err:  # no compiler, or it failed: the torch definitions it is
                     log.warning("llmctl's CPU kernels are not available (%s); using torch", err)
         return _lib
 
@@ -188,6 +188,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+def rope_signed(x: torch.Tensor, cos: torch.Tensor, nsin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``x * cos + rotate_half(x) * sin``, bit for bit, given ``nsin`` = sin with its first
+    half negated: ``rotate_half(x) * sin == [x2, x1] * [-sin1, sin1]`` exactly (negating a factor only flips
+    the product's sign bit). The sign is folded into sin once per forward instead of once per call."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * nsin
+
+
 def decode_attention_reference(qkv, n_heads, n_kv_heads, cos, nsin, cache_k, cache_v, slots, mask, scale):
     """One decode step of attention for a batch, in torch: the definition :func:`decode_attention` keeps.
 
@@ -198,8 +206,7 @@ def decode_attention_reference(qkv, n_heads, n_kv_heads, cos, nsin, cache_k, cac
     """
     b, d = qkv.shape[0], cache_k.shape[-1]
     qk = qkv[..., : (n_heads + n_kv_heads) * d].reshape(b, 1, n_heads + n_kv_heads, d)
-    half = d // 2
-    qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * nsin
+    qk = rope_signed(qk, cos, nsin)
     q, k = qk[:, :, :n_heads].transpose(1, 2), qk[:, :, n_heads:].transpose(1, 2)
     v = qkv[..., (n_heads + n_kv_heads) * d :].reshape(b, 1, n_kv_heads, d).transpose(1, 2)
     cache_k[:, :, slots] = k

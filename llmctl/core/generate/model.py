@@ -100,23 +100,12 @@ class RMSNorm(nn.Module):
             return self.kernel(x, self.weight, self.eps)
         if self.cpu_kernel:
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return cpu_kernels.rms_norm_reference(x, self.weight, self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def swap_halves(x: torch.Tensor) -> torch.Tensor:
-    """``rotate_half`` without the sign: ``rotate_half(x) * sin == swap_halves(x) * signed(sin)`` exactly
-    (negating a factor only flips the product's sign bit), where ``signed(sin)`` negates sin's first half.
-    One op fewer per call, and the sign is applied once per forward instead of once per layer."""
-    half = x.shape[-1] // 2
-    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
 
 
 class Attention(nn.Module):
@@ -142,7 +131,7 @@ class Attention(nn.Module):
         together) and ``v_proj(x)``: views of one product when the weights are fused."""
         if self.qkv is None:
             return torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
-        qkv = self.qkv.linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = self.qkv.product(x)
         split = (self.n_heads + self.n_kv_heads) * self.head_dim
         return qkv[..., :split], qkv[..., split:]
 
@@ -153,7 +142,7 @@ class Attention(nn.Module):
         # under GQA already [B, 1, groups * T, kv_len] (gqa_mask, once per forward in DecoderLM.forward)
         b, t, _ = x.shape
         if t == 1 and self.decode_kernel:  # RoPE, cache write and attention in one call
-            qkv = self.qkv.linear(x, self.qkv.weight, self.qkv.bias)
+            qkv = self.qkv.product(x)
             out = cpu_kernels.decode_attention(qkv, self.n_heads, self.n_kv_heads, cos, sin, cache_k, cache_v,
                                                slots, mask, self.head_dim**-0.5)  # fmt: skip
             return self.o_proj(out)
@@ -164,7 +153,7 @@ class Attention(nn.Module):
             q, k = self.rope_kernel(qk[:, :, : self.n_heads], qk[:, :, self.n_heads :], cos, sin)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         else:  # queries and keys in one go: transformers' x * cos + rotate_half(x) * sin, bit for bit
-            qk = qk * cos + swap_halves(qk) * sin
+            qk = cpu_kernels.rope_signed(qk, cos, sin)
             q, k = qk[:, :, : self.n_heads].transpose(1, 2), qk[:, :, self.n_heads :].transpose(1, 2)
         cache_k[:, :, slots] = k
         cache_v[:, :, slots] = v
@@ -238,8 +227,12 @@ class Fused:
         """Plain float linears (not quantized or factored ones), all with or all without a bias."""
         return all(type(m) is nn.Linear for m in linears) and len({m.bias is None for m in linears}) == 1
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output side by side: ``[..., sum of out_features]``."""
+        return self.linear(x, self.weight, self.bias)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.product(x).split(self.sizes, dim=-1)
 
 
 class DecoderLayer(nn.Module):
@@ -337,9 +330,10 @@ class DecoderLM(nn.Module):
                 self._plain.append(module)
                 if self._kernel:  # an instance attribute: the module's type and state dict stay nn.Linear's
                     module.forward = functools.partial(_kernel_forward, module)
-        for module in self.modules():
-            if isinstance(module, RMSNorm) and self._kernel and module.weight.dtype == torch.float32:
-                module.cpu_kernel = module.kernel is None
+        if self._kernel:
+            for module in self.modules():
+                if isinstance(module, RMSNorm) and module.weight.dtype == torch.float32:
+                    module.cpu_kernel = module.kernel is None
         return len(members)
 
     def column_major(self, on: bool) -> None:
