@@ -4,7 +4,8 @@ Greedy, fp32, CPU, the same prompt and the same number of new tokens (EOS ignore
 Reports batch-1 tokens/s, batch-16 total tokens/s (batch 4 with --quick), and the ratios; then llmctl's
 exact-greedy accelerators at batch 1 against its own plain greedy: speculative decoding with a draft made
 by keeping the model's first --draft-layers decoder layers (a layer-dropped copy of the same model, so the
-same tokenizer), prompt lookup and lookahead, each with its acceptance rate.
+same tokenizer) or --draft DIR, also with the draft's head restricted to --draft-vocab token ids, prompt
+lookup and lookahead, each with its acceptance rate.
 Model load time is not counted.
 
     python benchmarks/generate.py            # SmolLM2-135M-Instruct (make smollm2), 128 new tokens
@@ -58,6 +59,12 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, default=0, help="layers kept in the draft (0: a quarter)")
     parser.add_argument("--draft", help="a draft model directory (e.g. from llmctl prune) instead")
     parser.add_argument("--num-draft-tokens", type=int, default=4, help="speculative: tokens per draft round")
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=8192,
+        help="speculative is also run with the draft scoring this many lowest ids + the prompt's (0: not)",
+    )
     parser.add_argument(
         "--workload",
         choices=("story", "copy"),
@@ -131,7 +138,7 @@ def _accelerators(engine, model_dir, ids, params, new, repeats, plain_tps, args,
     from llmctl.core.generate.engine import Request
     from llmctl.core.generate.lookup import LookupStats, generate_lookahead, generate_lookup
     from llmctl.core.generate.run import load_engine
-    from llmctl.core.generate.speculative import generate_speculative
+    from llmctl.core.generate.speculative import DraftVocab, generate_speculative
 
     if args.draft:
         draft = load_engine(args.draft, device="cpu", dtype="float32")
@@ -141,13 +148,20 @@ def _accelerators(engine, model_dir, ids, params, new, repeats, plain_tps, args,
         draft = load_engine(str(_layer_dropped(model_dir, keep, tmp)), device="cpu", dtype="float32")
         label = f"first {keep} layers"
     k = args.num_draft_tokens
+    vocab = DraftVocab(draft, args.draft_vocab) if args.draft_vocab else None
     ways = {
         f"speculative, draft = {label}, k={k}": lambda s: generate_speculative(
             engine, draft, Request(ids, params), num_draft=k, stats=s
-        ),
-        "prompt lookup, k=8": lambda s: generate_lookup(engine, Request(ids, params), num_draft=8, stats=s),
-        "lookahead, window 5": lambda s: generate_lookahead(engine, Request(ids, params), window=5, stats=s),
+        )
     }
+    if vocab is not None:
+        ways[f"  same, --draft-vocab {args.draft_vocab}"] = lambda s: generate_speculative(
+            engine, draft, Request(ids, params), num_draft=k, stats=s, draft_vocab=vocab
+        )
+    ways["prompt lookup, k=8"] = lambda s: generate_lookup(engine, Request(ids, params), num_draft=8, stats=s)
+    ways["lookahead, window 5"] = lambda s: generate_lookahead(
+        engine, Request(ids, params), window=5, stats=s
+    )
     print(f"{'batch-1 exact greedy':<56}{'tok/s':>8}{'vs plain':>10}{'accepted':>10}")
     for name, run in ways.items():
         stats = LookupStats()

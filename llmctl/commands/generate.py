@@ -108,6 +108,23 @@ def main(
     num_draft_tokens: Annotated[
         int, typer.Option("--num-draft-tokens", min=1, help="Tokens the draft proposes per round.")
     ] = 4,
+    draft_vocab: Annotated[
+        int,
+        typer.Option(
+            "--draft-vocab",
+            min=0,
+            help="The draft scores only the N lowest token ids plus the request's own tokens (0: all).",
+        ),
+    ] = 0,
+    draft_confidence: Annotated[
+        float,
+        typer.Option(
+            "--draft-confidence",
+            min=0.0,
+            max=0.99,
+            help="Stop a round's drafting after a token the draft gives less than this probability (0: off).",
+        ),
+    ] = 0.0,
     json_schema: Annotated[
         Path | None, typer.Option("--json-schema", help="Outputs valid against this JSON schema file.")
     ] = None,
@@ -157,6 +174,8 @@ def main(
     ).validate()  # fmt: skip
     if sum(map(bool, (num_beams, prompt_lookup, lookahead, draft))) > 1:
         raise UsageError("choose one of --num-beams, --prompt-lookup, --lookahead and --draft")
+    if (draft_vocab or draft_confidence) and not draft:
+        raise UsageError("--draft-vocab and --draft-confidence go with --draft")
     constraint = Constraint.from_flags(json_schema, any_json, regex, grammar)
     if constraint and (num_beams or prompt_lookup or draft):
         raise UsageError(
@@ -172,7 +191,7 @@ def main(
             raise UsageError(e.message) from None
     decoder, report = _decoder(
         engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, lookahead,
-        lookahead_ngram, draft, num_draft_tokens, stream, device, dtype.value,
+        lookahead_ngram, draft, num_draft_tokens, draft_vocab, draft_confidence, stream, device, dtype.value,
     )  # fmt: skip
     if prompt is not None:
         kind = "chat" if chat else "text"
@@ -215,13 +234,13 @@ def main(
 
 def _decoder(
     engine, defaults, num_beams, length_penalty, early_stopping, prompt_lookup, lookup_ngram, lookahead,
-    lookahead_ngram, draft, num_draft_tokens, stream, device, dtype,
+    lookahead_ngram, draft, num_draft_tokens, draft_vocab, draft_confidence, stream, device, dtype,
 ):  # fmt: skip
     """The per-request decoder chosen by the flags (None: the batched engine) and its stats reporter."""
     from llmctl.core.generate.beam import BeamParams, generate_beam
     from llmctl.core.generate.lookup import LookupStats, generate_lookahead, generate_lookup
     from llmctl.core.generate.run import load_engine
-    from llmctl.core.generate.speculative import check_draft, generate_speculative
+    from llmctl.core.generate.speculative import DraftVocab, check_draft, generate_speculative
 
     stats = LookupStats()
     if num_beams:
@@ -256,11 +275,13 @@ def _decoder(
     if draft:
         draft_engine = load_engine(draft, device=device, dtype=dtype)
         check_draft(engine, draft_engine)
+        vocab = DraftVocab(draft_engine, draft_vocab) if draft_vocab else None
 
         def speculative(req, on_token=None):
             return generate_speculative(
-                engine, draft_engine, req, num_draft=num_draft_tokens, stats=stats, on_token=on_token
-            )
+                engine, draft_engine, req, num_draft=num_draft_tokens, stats=stats, on_token=on_token,
+                draft_vocab=vocab, min_confidence=draft_confidence,
+            )  # fmt: skip
 
         return speculative, lambda: _report(stats, "speculative decoding")
     return None, lambda: None

@@ -64,6 +64,23 @@ def main(
         int,
         typer.Option("--num-draft-tokens", min=1, help="Tokens the draft proposes per step (with --draft)."),
     ] = 4,
+    draft_vocab: Annotated[
+        int,
+        typer.Option(
+            "--draft-vocab",
+            min=0,
+            help="The draft scores only the N lowest token ids plus each request's own tokens (0: all).",
+        ),
+    ] = 0,
+    draft_confidence: Annotated[
+        float,
+        typer.Option(
+            "--draft-confidence",
+            min=0.0,
+            max=0.99,
+            help="Stop a round's drafting after a token the draft gives less than this probability (0: off).",
+        ),
+    ] = 0.0,
     prompt_lookup: Annotated[
         int,
         typer.Option(
@@ -89,6 +106,8 @@ def main(
 
     if draft is not None and prompt_lookup:
         raise UsageError("choose one of --draft and --prompt-lookup")
+    if (draft_vocab or draft_confidence) and draft is None:
+        raise UsageError("--draft-vocab and --draft-confidence go with --draft")
     if kv_cache_memory <= 0 and num_blocks is None:
         raise UsageError("--kv-cache-memory must be above 0 (or give --num-blocks)")
     name = served_model_name or Path(model).name
@@ -98,7 +117,8 @@ def main(
         block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         prefix_caching=not no_prefix_caching, max_waiting=max_waiting, num_draft_tokens=num_draft_tokens,
-        prompt_lookup=prompt_lookup, lookup_ngram=lookup_ngram,
+        draft_vocab=draft_vocab, draft_confidence=draft_confidence, prompt_lookup=prompt_lookup,
+        lookup_ngram=lookup_ngram,
     )  # fmt: skip
     server = create_server(
         engine, settings, host=host, port=port, model_name=name, api_key=api_key, log=ui.warn,

@@ -117,6 +117,17 @@ def test_draft_model_speculative_decoding_gives_greedy_output_and_reports_accept
     assert both.exit_code == 2 and "choose one of" in both.stderr
 
 
+def test_draft_vocab_keeps_speculative_greedy_output_and_needs_a_draft(cli, tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello"}, {"prompt": "a b a b"}])
+    plain = cli("generate", tiny_model, path, "--max-tokens", "9", "--ignore-eos")
+    spec = cli("generate", tiny_model, path, "--max-tokens", "9", "--ignore-eos", "--draft", tiny_model,
+               "--draft-vocab", "16")  # fmt: skip
+    assert spec.exit_code == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    alone = cli("generate", tiny_model, path, "--draft-vocab", "16")
+    assert alone.exit_code == 2 and "--draft-vocab and --draft-confidence go with --draft" in alone.stderr
+
+
 def test_json_schema_flag_and_per_line_response_format_constrain_outputs(cli, tiny_model, tmp_path):
     schema = {"type": "object", "properties": {"x": {"enum": [1, 2, 3]}}, "required": ["x"],
               "additionalProperties": False}  # fmt: skip

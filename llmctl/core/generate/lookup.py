@@ -180,8 +180,8 @@ def _one(engine: Engine, r: Request, drafter, num_draft: int, stats: LookupStats
     return out
 
 
-def _forward(model, cache: KVCache, tokens: list[int], start: int) -> torch.Tensor:
-    """Run ``tokens`` at cache slots ``start..``; logits ``[len(tokens), vocab]``."""
+def _forward(model, cache: KVCache, tokens: list[int], start: int, head=None) -> torch.Tensor:
+    """Run ``tokens`` at cache slots ``start..``; logits ``[len(tokens), vocab]`` (from ``head`` if given)."""
     device = cache.k[0].device
     t = len(tokens)
     slots = torch.arange(start, start + t, device=device)
@@ -189,4 +189,4 @@ def _forward(model, cache: KVCache, tokens: list[int], start: int) -> torch.Tens
     mask = torch.ones((t, start + t), dtype=torch.bool, device=device)
     mask[:, start:] = torch.ones((t, t), dtype=torch.bool, device=device).tril()
     x = torch.tensor([tokens], device=device)
-    return model(x, slots[None], slots, mask[None, None], cache, last_only=False)[0]
+    return model(x, slots[None], slots, mask[None, None], cache, last_only=False, head=head)[0]

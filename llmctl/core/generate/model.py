@@ -364,7 +364,10 @@ class DecoderLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
 
-    def forward(self, tokens, positions, slots, mask, cache: KVCache, last_only: bool = True):
+    def forward(self, tokens, positions, slots, mask, cache: KVCache, last_only: bool = True, head=None):
+        """Logits ``[B, T or 1, vocab]`` (float32) of ``tokens`` at cache ``slots``; ``head`` (the final-norm
+        hidden states -> logits) replaces ``lm_head``, e.g. a draft's :class:`~llmctl.core.generate.
+        speculative.DraftVocab`."""
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope(positions, x.dtype)
         if not self._rope_kernel:  # Attention's torch RoPE: [B, T, 1, D], sin's first half negated
@@ -377,7 +380,7 @@ class DecoderLM(nn.Module):
             x = layer(x, cos, sin, k, v, slots, mask)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        return (head or self.lm_head)(self.model.norm(x)).float()
 
 
 def _rope_parameters(config: Any) -> tuple[torch.Tensor, float]:

@@ -22,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from llmctl.core.errors import UsageError
+from llmctl.core.generate import cpu_kernels
 from llmctl.core.generate.engine import Completion, Engine, Request, advance, check_rows, expand, finish_text
 from llmctl.core.generate.lookup import LookupStats, _forward
 from llmctl.core.generate.model import KVCache
@@ -32,6 +34,96 @@ from llmctl.core.generate.sampling import SamplingParams, process_logits, warp
 SpeculativeStats = LookupStats  # rounds, drafted and accepted tokens, acceptance rate
 
 DRAFT_SEED_OFFSET = 0x5EED  # the draft's sampler is seeded with the request's seed + this (serve too)
+
+
+class DraftVocab:
+    """The draft's logits over part of the vocabulary: the ``size`` lowest token ids, the special tokens
+    and every token of the request so far (prompt and output); every other token gets ``-inf``.
+
+    A draft model's vocabulary head costs as much as its embedding table (SmolLM2's 49152 x 576 is more
+    than a 6-layer draft's decoder layers), while the tokens it proposes come from a small part of it:
+    FR-Spec (Zhao et al. 2025, https://arxiv.org/abs/2502.14856) restricts the draft's head to the most
+    frequent tokens. For byte-level BPE (and SentencePiece) tokenizers the ids run in merge (score) order,
+    roughly by frequency in the tokenizer's training text, so the lowest ids are the frequent ones; on
+    SmolLM2's own completions the lowest 8192 ids cover about 90% of tokens, and 98% with the prompt's
+    tokens when the answer quotes the prompt. The lowest ids are the first rows of the head's weight, a view:
+    nothing is copied. The rest (request tokens above ``size``) are gathered into a small matrix that grows
+    as new tokens appear.
+
+    Exactness is untouched: the draft's distribution q is zero outside the subset, and the acceptance rule
+    (accept with min(1, p/q), else resample from norm(max(0, p - q))) is exact for any q; greedy drafts are
+    the subset's argmax. Only the acceptance rate can change."""
+
+    def __init__(self, draft: Engine, size: int) -> None:
+        head = draft.model.lm_head
+        if type(head) is not torch.nn.Linear:
+            raise UsageError(
+                f"--draft-vocab needs a plain linear vocabulary head; this draft's is {type(head).__name__}"
+            )
+        if size < 1:
+            raise UsageError(f"--draft-vocab {size}: must be at least 1 (0 turns it off)")
+        self.head = head
+        self.vocab = draft.model.args.vocab_size
+        self.size = min(size, self.vocab)
+        self.always = {*draft.eos_token_ids, *getattr(draft.tokenizer, "all_special_ids", ())}
+        self.linear = cpu_kernels.linear if getattr(draft.model, "_kernel", False) else F.linear
+
+    def for_request(self, prompt: list[int]) -> _RequestVocab:
+        return _RequestVocab(self, prompt)
+
+    def _top(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the ``size`` lowest ids, ``-inf`` for every other token."""
+        head = self.head
+        bias = None if head.bias is None else head.bias[: self.size]
+        out = h.new_full((*h.shape[:-1], self.vocab), float("-inf"))
+        out[..., : self.size] = self.linear(h, head.weight[: self.size], bias)
+        return out
+
+    def rows(self, heads: list[_RequestVocab]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A head for hidden states ``[R, hidden]`` whose row i belongs to the request of ``heads[i]``."""
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            out = self._top(h)
+            for i, one in enumerate(heads):
+                if one.extra:
+                    out[i, one.ids] = self.linear(h[i], one.weight, one.bias)
+            return out
+
+        return head
+
+
+class _RequestVocab:
+    """One request's draft head (see :class:`DraftVocab`): call it on final-norm hidden states."""
+
+    def __init__(self, vocab: DraftVocab, tokens: list[int]) -> None:
+        self.v = vocab
+        self.extra: list[int] = []
+        self.seen: set[int] = set()
+        self.followed = 0
+        self.add([*sorted(vocab.always), *tokens])
+
+    def add(self, tokens) -> None:
+        """Include these token ids from now on."""
+        new = {t for t in tokens if self.v.size <= t < self.v.vocab and t not in self.seen}
+        if not new:
+            return
+        self.seen.update(new)
+        self.extra += sorted(new)
+        weight, bias = self.v.head.weight.detach(), self.v.head.bias
+        self.ids = torch.tensor(self.extra, device=weight.device)
+        self.weight = weight.index_select(0, self.ids)
+        self.bias = None if bias is None else bias.detach().index_select(0, self.ids)
+
+    def follow(self, tokens: list[int]) -> None:
+        """Include the tokens of a growing list (a completion) added since the last call."""
+        self.add(tokens[self.followed :])
+        self.followed = len(tokens)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.v._top(h)
+        if self.extra:
+            out[..., self.ids] = self.v.linear(h, self.weight, self.bias)
+        return out
 
 
 def check_draft(target: Engine, draft: Engine) -> None:
@@ -57,6 +149,11 @@ def distribution(logits: torch.Tensor, params: SamplingParams, context: list[int
         probs[int(row.argmax())] = 1.0
         return probs
     return warp(row, params).softmax(-1)
+
+
+def draft_probability(logits: torch.Tensor, token: int) -> float:
+    """The draft's own probability of ``token`` (softmax of its raw logits): how sure it is."""
+    return float(logits.float().softmax(-1)[token])
 
 
 def pick(dist: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -90,13 +187,21 @@ def generate_speculative(
     num_draft: int = 4,
     stats: SpeculativeStats | None = None,
     on_token: Callable[[int, str], None] | None = None,
+    draft_vocab: DraftVocab | None = None,
+    min_confidence: float = 0.0,
 ) -> list[Completion]:
+    """``request``'s completions (``n`` of them, one after another) by speculative decoding: up to
+    ``num_draft`` draft tokens per round, fewer when the draft gives a token a probability below
+    ``min_confidence`` (the round's drafting stops after it, as transformers' assistant confidence
+    threshold does); ``draft_vocab`` restricts the draft's head (:class:`DraftVocab`)."""
     if num_draft < 1:
         raise UsageError("--num-draft-tokens must be at least 1")
+    if not 0.0 <= min_confidence < 1.0:
+        raise UsageError(f"--draft-confidence {min_confidence}: must be in [0, 1)")
     stats = stats if stats is not None else SpeculativeStats()
     rows = expand([request])
     check_rows(engine, rows)
-    return [_one(engine, draft, r, num_draft, stats, on_token) for r in rows]
+    return [_one(engine, draft, r, stats, on_token, num_draft, draft_vocab, min_confidence) for r in rows]
 
 
 @dataclass
@@ -109,8 +214,11 @@ class _Side:
 
 
 @torch.inference_mode()
-def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeStats, on_token) -> Completion:
+def _one(
+    engine: Engine, draft: Engine, r: Request, stats: SpeculativeStats, on_token, k: int, vocab, confidence
+) -> Completion:
     params, prompt = r.params, r.prompt_ids
+    head = vocab.for_request(prompt) if vocab is not None else None
     total = len(prompt) + params.max_tokens + k + 2
     target = _Side(engine, KVCache(engine.model.args, 1, total, engine.device, engine.dtype))
     small = _Side(draft, KVCache(draft.model.args, 1, total, draft.device, draft.dtype))
@@ -122,7 +230,7 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
     logits = _forward(engine.model, target.cache, prompt, 0)[-1]
     target.filled = len(prompt)
     if len(prompt) > 1:
-        _forward(draft.model, small.cache, prompt[:-1], 0)
+        _forward(draft.model, small.cache, prompt[:-1], 0, head)
     small.filled = len(prompt) - 1
     pending = [prompt[-1]]  # accepted tokens the draft has not consumed yet
 
@@ -134,6 +242,8 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
         if out.finish_reason == "stop" or len(out.token_ids) >= params.max_tokens:
             break
         pending.append(token)
+        if head is not None:  # a replacement or bonus token the draft's subset may not hold yet
+            head.add([token])
         room = params.max_tokens - len(out.token_ids)
         n_draft = min(k, room - 1) if room > 1 else 0
 
@@ -145,13 +255,15 @@ def _one(engine: Engine, draft: Engine, r: Request, k: int, stats: SpeculativeSt
         base, n_pending = small.filled, len(pending)
         for _ in range(n_draft):
             block = pending if not drafts else [drafts[-1]]
-            d_logits = _forward(draft.model, small.cache, block, small.filled)[-1]
+            d_logits = _forward(draft.model, small.cache, block, small.filled, head)[-1]
             small.filled += len(block)
             q = distribution(d_logits, params, context + drafts, d_counts)
             d = pick(q, params, gen_draft)
             drafts.append(d)
             qs.append(q)
             d_counts[d] += 1
+            if confidence and draft_probability(d_logits, d) < confidence:
+                break  # the draft is unsure: verify what it has (the bookkeeping below uses len(drafts))
 
         # Score [token, drafts...] with the target in one pass: p at each draft position and one beyond.
         t_logits = _forward(engine.model, target.cache, [token] + drafts, target.filled)

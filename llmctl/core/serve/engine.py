@@ -51,6 +51,8 @@ class ServeConfig:
     prefix_caching: bool = True
     max_waiting: int = 512  # sequences queued beyond this are refused
     num_draft_tokens: int = 4  # speculative decoding (with a draft model): tokens drafted per step
+    draft_vocab: int = 0  # the draft scores only this many lowest token ids + each request's (0: all)
+    draft_confidence: float = 0.0  # a sequence stops drafting after a token the draft gives less than this
     prompt_lookup: int = 0  # speculative decoding without a draft: up to this many tokens by prompt lookup
     lookup_ngram: int = 3  # the longest n-gram prompt lookup matches
 
@@ -64,6 +66,8 @@ class ServeEngine:
     ) -> None:
         if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
             raise LlmctlError("block size, max_num_seqs and max_num_batched_tokens must be at least 1")
+        if draft is None and (config.draft_vocab or config.draft_confidence):
+            raise UsageError("--draft-vocab and --draft-confidence go with --draft")
         if draft is not None:
             check_draft(engine, draft)
             if config.prompt_lookup:
@@ -83,7 +87,10 @@ class ServeEngine:
         # The speculative proposer: a draft model (its own paged cache) or prompt lookup, or none.
         self.drafter: Drafter | PromptLookup | None = None
         if draft is not None:
-            self.drafter = Drafter(draft, num_blocks, config.block_size, config.num_draft_tokens)
+            self.drafter = Drafter(
+                draft, num_blocks, config.block_size, config.num_draft_tokens, config.draft_vocab,
+                config.draft_confidence,
+            )  # fmt: skip
         elif config.prompt_lookup:
             self.drafter = PromptLookup(config.prompt_lookup, config.lookup_ngram)
         self.scheduler = Scheduler(

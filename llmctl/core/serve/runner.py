@@ -63,9 +63,10 @@ class StepInput:
 
 
 @torch.inference_mode()
-def forward_step(model: DecoderLM, cache: PagedKVCache, step: StepInput) -> torch.Tensor:
+def forward_step(model: DecoderLM, cache: PagedKVCache, step: StepInput, head=None) -> torch.Tensor:
     """Run the step; returns float32 logits ``[sum(num_logits), vocab]`` in sequence order (the last
-    ``num_logits[i]`` positions of sequence i; ``num_logits`` defaults to ``want_logits``)."""
+    ``num_logits[i]`` positions of sequence i; ``num_logits`` defaults to ``want_logits``), from ``head``
+    (final-norm hidden states -> logits) instead of ``lm_head`` if given."""
     from llmctl.kernels.paged_attention import paged_decode
 
     device = cache.k[0].device
@@ -130,7 +131,7 @@ def forward_step(model: DecoderLM, cache: PagedKVCache, step: StepInput) -> torc
     if not last:
         return torch.empty((0, a.vocab_size))
     x = x[torch.tensor(last, device=device)]
-    return model.lm_head(model.model.norm(x)).float()
+    return (head or model.lm_head)(model.model.norm(x)).float()
 
 
 def _prefill_attention(q, k_cache, v_cache, table, start, scale):

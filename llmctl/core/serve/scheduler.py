@@ -60,6 +60,7 @@ class Sequence:
     draft_computed: int = 0  # tokens whose keys/values are in the draft model's cache
     draft_generator: torch.Generator | None = None  # the draft's sampler (seed + DRAFT_SEED_OFFSET)
     lookahead: int = 0  # draft tokens this step verifies (set by the scheduler for decodes)
+    draft_head: Any = None  # --draft-vocab: the draft's vocabulary subset for this sequence (DraftVocab)
     # Echo / prompt logprobs: the prompt is computed in full (no prefix-cache lookup) and the
     # log-probability of each prompt token after the ones before it is recorded here.
     prompt_logprobs: int | None = None  # None: not asked; k: also the k most likely tokens

@@ -42,8 +42,10 @@ from llmctl.core.errors import UsageError
 from llmctl.core.generate.engine import Engine
 from llmctl.core.generate.speculative import (
     DRAFT_SEED_OFFSET,
+    DraftVocab,
     accept_or_resample,
     distribution,
+    draft_probability,
     pick,
 )
 from llmctl.core.serve.runner import PagedKVCache, StepInput, forward_step
@@ -128,10 +130,33 @@ class Drafter(Proposer):
 
     keeps_cache = True  # the scheduler shares a block only once the draft's cache holds it too
 
-    def __init__(self, draft: Engine, num_blocks: int, block_size: int, num_draft: int) -> None:
+    def __init__(
+        self,
+        draft: Engine,
+        num_blocks: int,
+        block_size: int,
+        num_draft: int,
+        draft_vocab: int = 0,
+        min_confidence: float = 0.0,
+    ) -> None:
         super().__init__(num_draft)
+        if not 0.0 <= min_confidence < 1.0:
+            raise UsageError(f"--draft-confidence {min_confidence}: must be in [0, 1)")
+        self.min_confidence = min_confidence  # a sequence stops drafting after a token below this
         self.engine = draft
         self.cache = PagedKVCache(draft.model, num_blocks, block_size, draft.device, draft.dtype)
+        # --draft-vocab N: the draft scores the N lowest ids and each sequence's own tokens (DraftVocab)
+        self.vocab = DraftVocab(draft, draft_vocab) if draft_vocab else None
+
+    def _rows_head(self, seqs: list):
+        """The draft's head for logits rows of ``seqs`` (None: its full ``lm_head``)."""
+        if self.vocab is None:
+            return None
+        for seq in seqs:
+            if seq.draft_head is None:
+                seq.draft_head = self.vocab.for_request(seq.prompt_ids)
+            seq.draft_head.follow(seq.completion.token_ids)
+        return self.vocab.rows([seq.draft_head for seq in seqs])
 
     @staticmethod
     def bytes_per_block(draft: Engine, block_size: int) -> int:
@@ -161,7 +186,7 @@ class Drafter(Proposer):
             seq.draft_computed = end
             if seq.lookahead > 0:
                 wanting.append(seq)
-        logits = forward_step(self.engine.model, self.cache, step)
+        logits = forward_step(self.engine.model, self.cache, step, self._rows_head(wanting))
         proposals = {seq: Proposal([], []) for seq in wanting}
         counts = {seq: Counter(seq.counts) for seq in wanting}
         while wanting:
@@ -174,7 +199,8 @@ class Drafter(Proposer):
                 prop.tokens.append(token)
                 prop.q.append(q)
                 counts[seq][token] += 1
-                if len(prop.tokens) < seq.lookahead:
+                unsure = self.min_confidence and draft_probability(row, token) < self.min_confidence
+                if len(prop.tokens) < seq.lookahead and not unsure:
                     more.append(seq)
             wanting = more
             if wanting:
@@ -184,7 +210,7 @@ class Drafter(Proposer):
                     [s.table for s in wanting],
                     [True] * len(wanting),
                 )
-                logits = forward_step(self.engine.model, self.cache, step)
+                logits = forward_step(self.engine.model, self.cache, step, self._rows_head(wanting))
         return proposals
 
     def _rolled_back(self, seq, proposal: Proposal, accepted: int) -> None:

@@ -12,7 +12,7 @@ from llmctl.core.errors import UsageError
 from llmctl.core.generate.engine import Engine, Request, generate
 from llmctl.core.generate.run import load_engine
 from llmctl.core.generate.sampling import SamplingParams
-from llmctl.core.generate.speculative import generate_speculative
+from llmctl.core.generate.speculative import DraftVocab, generate_speculative
 from llmctl.core.serve.engine import ServeConfig, ServeEngine
 from tests.core.generate._models import sharp_llama
 
@@ -114,6 +114,31 @@ def test_sampled_output_is_generate_speculatives_seed_for_seed_and_reproducible(
     _, again = _serve(target, config, [*others, prompt], [*other_params, params], draft=noisy_draft)
     assert [c.token_ids for c in again[-1]] == [c.token_ids for c in first[0]]
     assert len({tuple(c.token_ids) for c in first[0]}) > 1
+
+
+def test_draft_vocab_and_confidence_keep_greedy_output_and_generates_samples(target, noisy_draft):
+    prompts, params = _workload(12, seed=3)
+    config = ServeConfig(
+        block_size=4, num_blocks=64, max_num_seqs=6, num_draft_tokens=3, draft_vocab=32, draft_confidence=0.3
+    )
+    _, plain = _serve(target, replace(config, draft_vocab=0, draft_confidence=0.0), prompts, params)
+    core, spec = _serve(target, config, prompts, params, draft=noisy_draft)
+    assert [c[0].token_ids for c in spec] == [c[0].token_ids for c in plain]
+    assert core.spec_stats()["spec_decode_num_draft_tokens"] > 0
+    # sampled: each sequence's draft head is its own (lowest ids + its tokens), as in generate --draft-vocab
+    prompt = list(b"Once upon a time")
+    sampled = SamplingParams(max_tokens=12, temperature=0.9, seed=7, n=2, ignore_eos=True)
+    ref = generate_speculative(
+        target, noisy_draft, Request(prompt, sampled), num_draft=3, draft_vocab=DraftVocab(noisy_draft, 32),
+        min_confidence=0.3,
+    )  # fmt: skip
+    others, other_params = _workload(4, seed=9)
+    _, got = _serve(target, config, [*others, prompt], [*other_params, sampled], draft=noisy_draft)
+    assert [c.token_ids for c in got[-1]] == [r.token_ids for r in ref]
+    with pytest.raises(UsageError, match="--draft-vocab and --draft-confidence go with --draft"):
+        ServeEngine(target, config)
+    with pytest.raises(UsageError, match="draft-confidence"):
+        ServeEngine(target, replace(config, draft_confidence=1.5), draft=noisy_draft)
 
 
 def test_logprobs_and_stop_strings_with_a_draft(target, noisy_draft):
