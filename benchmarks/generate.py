@@ -66,6 +66,12 @@ def main() -> None:
         help="speculative is also run with the draft scoring this many lowest ids + the prompt's (0: not)",
     )
     parser.add_argument(
+        "--draft-confidence",
+        type=float,
+        default=0.0,
+        help="speculative is also run with --draft-vocab and this --draft-confidence (0: not)",
+    )
+    parser.add_argument(
         "--workload",
         choices=("story", "copy"),
         default="story",
@@ -158,6 +164,13 @@ def _accelerators(engine, model_dir, ids, params, new, repeats, plain_tps, args,
         ways[f"  same, --draft-vocab {args.draft_vocab}"] = lambda s: generate_speculative(
             engine, draft, Request(ids, params), num_draft=k, stats=s, draft_vocab=vocab
         )
+    if vocab is not None and args.draft_confidence:
+        ways[f"  same, --draft-vocab and --draft-confidence {args.draft_confidence}"] = (
+            lambda s: generate_speculative(
+                engine, draft, Request(ids, params), num_draft=k, stats=s, draft_vocab=vocab,
+                min_confidence=args.draft_confidence,
+            )
+        )  # fmt: skip
     ways["prompt lookup, k=8"] = lambda s: generate_lookup(engine, Request(ids, params), num_draft=8, stats=s)
     ways["lookahead, window 5"] = lambda s: generate_lookahead(
         engine, Request(ids, params), window=5, stats=s

@@ -147,7 +147,7 @@ def _one(engine: Engine, r: Request, drafter, num_draft: int, stats: LookupStats
     total = len(prompt) + r.params.max_tokens + num_draft + 1
     cache = KVCache(model.args, 1, total, device, engine.dtype)
     n = len(prompt)
-    logits = _forward(model, cache, prompt, 0)  # [n, vocab]
+    logits = _forward(model, cache, prompt, 0, last_only=True)  # [1, vocab]
     out = Completion(prompt_tokens=n)
     counts: Counter = Counter()
     next_token = int(logits[-1].argmax())
@@ -180,8 +180,11 @@ def _one(engine: Engine, r: Request, drafter, num_draft: int, stats: LookupStats
     return out
 
 
-def _forward(model, cache: KVCache, tokens: list[int], start: int, head=None) -> torch.Tensor:
-    """Run ``tokens`` at cache slots ``start..``; logits ``[len(tokens), vocab]`` (from ``head`` if given)."""
+def _forward(
+    model, cache: KVCache, tokens: list[int], start: int, head=None, last_only: bool = False
+) -> torch.Tensor:
+    """Run ``tokens`` at cache slots ``start..``; logits ``[len(tokens), vocab]`` (``[1, vocab]``, the last
+    token's, with ``last_only``), from ``head`` if given."""
     device = cache.k[0].device
     t = len(tokens)
     slots = torch.arange(start, start + t, device=device)
@@ -189,4 +192,4 @@ def _forward(model, cache: KVCache, tokens: list[int], start: int, head=None) ->
     mask = torch.ones((t, start + t), dtype=torch.bool, device=device)
     mask[:, start:] = torch.ones((t, t), dtype=torch.bool, device=device).tril()
     x = torch.tensor([tokens], device=device)
-    return model(x, slots[None], slots, mask[None, None], cache, last_only=False, head=head)[0]
+    return model(x, slots[None], slots, mask[None, None], cache, last_only=last_only, head=head)[0]

@@ -227,10 +227,10 @@ def _one(
 
     out = Completion(prompt_tokens=len(prompt))
     counts: Counter = Counter()
-    logits = _forward(engine.model, target.cache, prompt, 0)[-1]
+    logits = _forward(engine.model, target.cache, prompt, 0, last_only=True)[-1]
     target.filled = len(prompt)
     if len(prompt) > 1:
-        _forward(draft.model, small.cache, prompt[:-1], 0, head)
+        _forward(draft.model, small.cache, prompt[:-1], 0, head, last_only=True)  # fills the cache
     small.filled = len(prompt) - 1
     pending = [prompt[-1]]  # accepted tokens the draft has not consumed yet
 
