@@ -68,8 +68,11 @@ class DraftVocab:
         self.always = {*draft.eos_token_ids, *getattr(draft.tokenizer, "all_special_ids", ())}
         self.linear = cpu_kernels.linear if getattr(draft.model, "_kernel", False) else F.linear
 
-    def for_request(self, prompt: list[int]) -> _RequestVocab:
-        return _RequestVocab(self, prompt)
+    def for_request(self, prompt: list[int], params: SamplingParams | None = None) -> _RequestVocab:
+        """A request's head: the lowest ids, the specials, the prompt's tokens and those its
+        ``logit_bias`` favours."""
+        favoured = [int(t) for t, bias in params.logit_bias.items() if bias > 0] if params else []
+        return _RequestVocab(self, [*prompt, *favoured])
 
     def _top(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the ``size`` lowest ids, ``-inf`` for every other token."""
@@ -218,7 +221,7 @@ def _one(
     engine: Engine, draft: Engine, r: Request, stats: SpeculativeStats, on_token, k: int, vocab, confidence
 ) -> Completion:
     params, prompt = r.params, r.prompt_ids
-    head = vocab.for_request(prompt) if vocab is not None else None
+    head = vocab.for_request(prompt, params) if vocab is not None else None
     total = len(prompt) + params.max_tokens + k + 2
     target = _Side(engine, KVCache(engine.model.args, 1, total, engine.device, engine.dtype))
     small = _Side(draft, KVCache(draft.model.args, 1, total, draft.device, draft.dtype))

@@ -154,7 +154,7 @@ class Drafter(Proposer):
             return None
         for seq in seqs:
             if seq.draft_head is None:
-                seq.draft_head = self.vocab.for_request(seq.prompt_ids)
+                seq.draft_head = self.vocab.for_request(seq.prompt_ids, seq.params)
             seq.draft_head.follow(seq.completion.token_ids)
         return self.vocab.rows([seq.draft_head for seq in seqs])
 

@@ -69,6 +69,8 @@ def test_draft_vocab_scores_the_lowest_ids_the_specials_and_the_requests_tokens(
         grown = head(h)
     torch.testing.assert_close(grown[..., 250], full[..., 250], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grown[..., mask], got[..., mask])
+    favoured = vocab.for_request([3], SamplingParams(logit_bias={240: 5.0, 241: -5.0}))
+    assert 240 in favoured.extra and 241 not in favoured.extra  # what logit_bias favours is drafted
     with pytest.raises(UsageError, match="at least 1"):
         DraftVocab(draft, 0)
 
