@@ -148,6 +148,8 @@ _llmctl() {
             --lookahead-ngram) COMPREPLY=(); return ;;
             --draft) COMPREPLY=(); return ;;
             --num-draft-tokens) COMPREPLY=(); return ;;
+            --draft-vocab) COMPREPLY=(); return ;;
+            --draft-confidence) COMPREPLY=(); return ;;
             --json-schema) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             --regex) COMPREPLY=(); return ;;
             --grammar) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -161,7 +163,7 @@ _llmctl() {
             -o|--output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt --chat --stream --max-tokens --temperature --top-k --top-p --min-p --repetition-penalty --frequency-penalty --presence-penalty --stop --ignore-eos --n --logprobs --top-logprobs --prompt-lookup --lookup-ngram --lookahead --lookahead-ngram --draft --num-draft-tokens --json-schema --json --regex --grammar --num-beams --length-penalty --early-stopping --seed --batch-size --device --dtype -o --output --force --skip-bad-lines -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--prompt --chat --stream --max-tokens --temperature --top-k --top-p --min-p --repetition-penalty --frequency-penalty --presence-penalty --stop --ignore-eos --n --logprobs --top-logprobs --prompt-lookup --lookup-ngram --lookahead --lookahead-ngram --draft --num-draft-tokens --draft-vocab --draft-confidence --json-schema --json --regex --grammar --num-beams --length-penalty --early-stopping --seed --batch-size --device --dtype -o --output --force --skip-bad-lines -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     init)
@@ -268,13 +270,15 @@ _llmctl() {
             --shutdown-timeout) COMPREPLY=(); return ;;
             --draft) COMPREPLY=(); return ;;
             --num-draft-tokens) COMPREPLY=(); return ;;
+            --draft-vocab) COMPREPLY=(); return ;;
+            --draft-confidence) COMPREPLY=(); return ;;
             --prompt-lookup) COMPREPLY=(); return ;;
             --lookup-ngram) COMPREPLY=(); return ;;
             --device) COMPREPLY=(); return ;;
             --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
             --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--host --port --api-key --served-model-name --max-num-seqs --max-num-batched-tokens --block-size --kv-cache-memory --num-blocks --no-prefix-caching --max-waiting --shutdown-timeout --draft --num-draft-tokens --prompt-lookup --lookup-ngram --device --dtype -q --quiet --debug --config" -- "$cur"));
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--host --port --api-key --served-model-name --max-num-seqs --max-num-batched-tokens --block-size --kv-cache-memory --num-blocks --no-prefix-caching --max-waiting --shutdown-timeout --draft --num-draft-tokens --draft-vocab --draft-confidence --prompt-lookup --lookup-ngram --device --dtype -q --quiet --debug --config" -- "$cur"));
         else COMPREPLY=($(compgen -f -- "$cur")); fi
         ;;
     tokenize)

@@ -7,8 +7,8 @@ HH-RLHF human turns; WikiText is left out for its `<unk>` tokens): each prompt i
 exactly" instructions plus a 25-110-word passage, rendered with the model's chat template; the completion
 is the passage and the end-of-turn token. The benchmark's own passage is never used.
 
-    python benchmarks/copy_draft_data.py MODEL -o copy.jsonl --count 2400
-    python benchmarks/copy_draft_data.py MODEL -o copy2.jsonl --count 3000 --skip 2400   # fresh passages
+    python scripts/copy_draft_data.py MODEL -o copy.jsonl --count 2400
+    python scripts/copy_draft_data.py MODEL -o copy2.jsonl --count 3000 --skip 2400   # fresh passages
 """
 
 from __future__ import annotations
