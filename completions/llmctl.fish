@@ -167,7 +167,7 @@ complete -c llmctl -n '__fish_seen_subcommand_from generate' -l lookahead -x -d 
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l lookahead-ngram -x -d 'N-gram length of --lookaheads pool'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l draft -x -d 'Speculative decoding with this draft model (same tokenizer)'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l num-draft-tokens -x -d 'Tokens the draft proposes per round'
-complete -c llmctl -n '__fish_seen_subcommand_from generate' -l draft-vocab -x -d 'The draft scores only the N lowest token ids plus the requests own tokens (0 all'
+complete -c llmctl -n '__fish_seen_subcommand_from generate' -l draft-vocab -x -d 'The draft scores only the N lowest token ids plus each requests own tokens (0 al'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l draft-confidence -x -d 'Stop a rounds drafting after a token the draft gives less than this probability '
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l json-schema -r -F -d 'Outputs valid against this JSON schema file'
 complete -c llmctl -n '__fish_seen_subcommand_from generate' -l json -d 'Outputs are JSON values'

@@ -17,6 +17,8 @@ from llmctl.core.options import (
     ConfigOpt,
     DebugOpt,
     DeviceOpt,
+    DraftConfidenceOpt,
+    DraftVocabOpt,
     DtypeOpt,
     ForceOpt,
     InputArg,
@@ -108,23 +110,8 @@ def main(
     num_draft_tokens: Annotated[
         int, typer.Option("--num-draft-tokens", min=1, help="Tokens the draft proposes per round.")
     ] = 4,
-    draft_vocab: Annotated[
-        int,
-        typer.Option(
-            "--draft-vocab",
-            min=0,
-            help="The draft scores only the N lowest token ids plus the request's own tokens (0: all).",
-        ),
-    ] = 0,
-    draft_confidence: Annotated[
-        float,
-        typer.Option(
-            "--draft-confidence",
-            min=0.0,
-            max=0.99,
-            help="Stop a round's drafting after a token the draft gives less than this probability (0: off).",
-        ),
-    ] = 0.0,
+    draft_vocab: DraftVocabOpt = 0,
+    draft_confidence: DraftConfidenceOpt = 0.0,
     json_schema: Annotated[
         Path | None, typer.Option("--json-schema", help="Outputs valid against this JSON schema file.")
     ] = None,

@@ -9,7 +9,15 @@ import typer
 from llmctl.core.command import cli_command
 from llmctl.core.console import ui
 from llmctl.core.errors import UsageError
-from llmctl.core.options import ConfigOpt, DebugOpt, DeviceOpt, DtypeOpt, QuietOpt
+from llmctl.core.options import (
+    ConfigOpt,
+    DebugOpt,
+    DeviceOpt,
+    DraftConfidenceOpt,
+    DraftVocabOpt,
+    DtypeOpt,
+    QuietOpt,
+)
 
 HELP = """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
 /health, /metrics, /tokenize, /detokenize) with continuous batching, a paged KV cache of fixed-size
@@ -64,23 +72,8 @@ def main(
         int,
         typer.Option("--num-draft-tokens", min=1, help="Tokens the draft proposes per step (with --draft)."),
     ] = 4,
-    draft_vocab: Annotated[
-        int,
-        typer.Option(
-            "--draft-vocab",
-            min=0,
-            help="The draft scores only the N lowest token ids plus each request's own tokens (0: all).",
-        ),
-    ] = 0,
-    draft_confidence: Annotated[
-        float,
-        typer.Option(
-            "--draft-confidence",
-            min=0.0,
-            max=0.99,
-            help="Stop a round's drafting after a token the draft gives less than this probability (0: off).",
-        ),
-    ] = 0.0,
+    draft_vocab: DraftVocabOpt = 0,
+    draft_confidence: DraftConfidenceOpt = 0.0,
     prompt_lookup: Annotated[
         int,
         typer.Option(

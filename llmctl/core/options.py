@@ -29,6 +29,23 @@ DtypeOpt = Annotated[
     typer.Option("--dtype", help="Weight dtype: auto is float32 on CPU, the model's own dtype on CUDA."),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same output.")]
+DraftVocabOpt = Annotated[
+    int,
+    typer.Option(
+        "--draft-vocab",
+        min=0,
+        help="The draft scores only the N lowest token ids plus each request's own tokens (0: all).",
+    ),
+]
+DraftConfidenceOpt = Annotated[
+    float,
+    typer.Option(
+        "--draft-confidence",
+        min=0.0,
+        max=0.99,
+        help="Stop a round's drafting after a token the draft gives less than this probability (0: off).",
+    ),
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Records processed together.")]
 OutputFileOpt = Annotated[
     Path | None, typer.Option("-o", "--output", help="Write here instead of standard output.")

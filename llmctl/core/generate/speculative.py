@@ -159,6 +159,12 @@ def draft_probability(logits: torch.Tensor, token: int) -> float:
     return float(logits.float().softmax(-1)[token])
 
 
+def check_confidence(value: float) -> None:
+    """``--draft-confidence``: a probability below 1 (0 turns it off)."""
+    if not 0.0 <= value < 1.0:
+        raise UsageError(f"--draft-confidence {value}: must be in [0, 1)")
+
+
 def pick(dist: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from a processed distribution: its argmax when greedy, else a draw with ``generator``."""
     return int(dist.argmax()) if params.greedy else int(torch.multinomial(dist, 1, generator=generator))
@@ -199,8 +205,7 @@ def generate_speculative(
     threshold does); ``draft_vocab`` restricts the draft's head (:class:`DraftVocab`)."""
     if num_draft < 1:
         raise UsageError("--num-draft-tokens must be at least 1")
-    if not 0.0 <= min_confidence < 1.0:
-        raise UsageError(f"--draft-confidence {min_confidence}: must be in [0, 1)")
+    check_confidence(min_confidence)
     stats = stats if stats is not None else SpeculativeStats()
     rows = expand([request])
     check_rows(engine, rows)

@@ -44,6 +44,7 @@ from llmctl.core.generate.speculative import (
     DRAFT_SEED_OFFSET,
     DraftVocab,
     accept_or_resample,
+    check_confidence,
     distribution,
     draft_probability,
     pick,
@@ -140,8 +141,7 @@ class Drafter(Proposer):
         min_confidence: float = 0.0,
     ) -> None:
         super().__init__(num_draft)
-        if not 0.0 <= min_confidence < 1.0:
-            raise UsageError(f"--draft-confidence {min_confidence}: must be in [0, 1)")
+        check_confidence(min_confidence)
         self.min_confidence = min_confidence  # a sequence stops drafting after a token below this
         self.engine = draft
         self.cache = PagedKVCache(draft.model, num_blocks, block_size, draft.device, draft.dtype)
